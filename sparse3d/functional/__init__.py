@@ -3,6 +3,8 @@
 from sparse3d.functional.coords import (
     MAX_BATCH,
     MAX_COORD,
+    child_slots,
+    coarse_coords,
     invert_kernel_map,
     kernel_map,
     kernel_offsets,
@@ -10,6 +12,7 @@ from sparse3d.functional.coords import (
     offset_keys,
     pack_keys,
     segment_reduce,
+    subdivide_coords,
     unique_coords,
     unpack_keys,
 )
@@ -17,6 +20,8 @@ from sparse3d.functional.coords import (
 __all__ = [
     "MAX_BATCH",
     "MAX_COORD",
+    "child_slots",
+    "coarse_coords",
     "invert_kernel_map",
     "kernel_map",
     "kernel_offsets",
@@ -24,6 +29,7 @@ __all__ = [
     "offset_keys",
     "pack_keys",
     "segment_reduce",
+    "subdivide_coords",
     "unique_coords",
     "unpack_keys",
 ]

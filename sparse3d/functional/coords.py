@@ -33,6 +33,9 @@ __all__ = [
     "kernel_map",
     "invert_kernel_map",
     "segment_reduce",
+    "coarse_coords",
+    "child_slots",
+    "subdivide_coords",
 ]
 
 MAX_COORD = 1 << 15
@@ -276,3 +279,58 @@ def invert_kernel_map(kmap: torch.Tensor, num_inputs: int) -> torch.Tensor:
     dest = torch.where(kmap >= 0, kmap, num_inputs) * num_k + k
     inverse[dest.reshape(-1)] = rows.reshape(-1)
     return inverse.view(num_inputs + 1, num_k)[:num_inputs]
+
+
+def coarse_coords(coords: torch.Tensor, factor: int | Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parent cells of a ``factor``-times coarser grid: ``parent = floor(child / factor)``.
+
+    Args:
+        coords: Integer tensor ``[N, 4]`` of (batch, x, y, z), non-negative.
+        factor: Coarsening factor, an int or one per axis.
+
+    Returns:
+        ``(parents [M, 4] int32, child_to_parent [N] int64)``: the unique parents in
+        (batch, x, y, z) order and, for each child row, its parent's row.
+    """
+    f = torch.tensor(_triple(factor, "factor"), device=coords.device, dtype=torch.int32)
+    scaled = coords.clone()
+    scaled[:, 1:] = torch.div(coords[:, 1:], f, rounding_mode="floor")
+    parent_keys, child_to_parent = torch.unique(pack_keys(scaled), sorted=True, return_inverse=True)
+    return unpack_keys(parent_keys), child_to_parent
+
+
+def child_slots(coords: torch.Tensor, factor: int | Sequence[int]) -> torch.Tensor:
+    """Position of each child inside its parent's ``fx * fy * fz`` block, x slowest and z fastest.
+
+    Args:
+        coords: Integer tensor ``[N, 4]`` of (batch, x, y, z), non-negative.
+        factor: Coarsening factor, an int or one per axis.
+
+    Returns:
+        int64 tensor ``[N]`` in ``[0, fx * fy * fz)``.
+    """
+    fx, fy, fz = _triple(factor, "factor")
+    local = coords[:, 1:].long() % torch.tensor([fx, fy, fz], device=coords.device)
+    return (local[:, 0] * fy + local[:, 1]) * fz + local[:, 2]
+
+
+def subdivide_coords(coords: torch.Tensor, factor: int | Sequence[int] = 2) -> torch.Tensor:
+    """All children of each cell on a ``factor``-times finer grid.
+
+    Args:
+        coords: Integer tensor ``[N, 4]`` of (batch, x, y, z).
+        factor: Refinement factor, an int or one per axis.
+
+    Returns:
+        int32 tensor ``[N * fx * fy * fz, 4]``: the children of row ``i`` are rows
+        ``i * F .. (i + 1) * F - 1`` in [`child_slots`][sparse3d.functional.coords.child_slots] order,
+        so the batch column stays non-decreasing.
+    """
+    fx, fy, fz = _triple(factor, "factor")
+    f = torch.tensor([fx, fy, fz], device=coords.device, dtype=torch.int32)
+    local = kernel_offsets((fx, fy, fz), device=coords.device) + torch.tensor(
+        [(fx - 1) // 2, (fy - 1) // 2, (fz - 1) // 2], device=coords.device, dtype=torch.int32
+    )  # [F, 3] in [0, f)
+    children = coords[:, None, 1:] * f + local[None]  # [N, F, 3]
+    batch = coords[:, None, :1].expand(-1, local.shape[0], 1)
+    return torch.cat([batch, children], dim=-1).reshape(-1, 4).int()
