@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from sparse3d.functional.coords import MAX_BATCH, MAX_COORD, _triple, pack_keys
@@ -47,6 +49,9 @@ class SparseTensor:
 
     The tensor is immutable: every method returns a new object. ``replace`` keeps the layout and
     shares its cache (sorted keys, kernel maps), which never changes results, only saves work.
+    Arithmetic (``+ - * /``, also reflected, and unary ``-``) acts on the features and accepts a
+    SparseTensor of the same layout and dtype, a number, or a tensor that broadcasts to ``feats``
+    without adding leading dimensions (e.g. ``[C]`` or ``[N, 1]``).
 
     Example:
         >>> coords = torch.tensor([[0, 1, 4, 2], [0, 1, 4, 3], [1, 0, 0, 0]])
@@ -88,8 +93,9 @@ class SparseTensor:
                 Library ops that produce valid layouts by construction pass ``False``.
 
         Raises:
-            TypeError: ``coords`` is not an integer tensor, or ``feats``/``coords`` are not tensors.
-            ValueError: A shape, range, ordering or uniqueness invariant does not hold.
+            TypeError: ``coords`` is not an integer tensor, ``feats``/``coords`` are not tensors, or
+                ``spatial_shape``/``stride`` are not ints.
+            ValueError: A shape, device, range, ordering or uniqueness invariant does not hold.
         """
         if not isinstance(coords, torch.Tensor) or not isinstance(feats, torch.Tensor):
             raise TypeError(
@@ -102,21 +108,35 @@ class SparseTensor:
             raise ValueError(f"coords: expected shape [N, 4] of (batch, x, y, z), got {list(coords.shape)}")
         if feats.dim() < 1 or feats.shape[0] != coords.shape[0]:
             raise ValueError(
-                f"feats: expected {coords.shape[0]} rows to match coords [N, 4], got shape {list(feats.shape)}"
+                f"feats: expected {coords.shape[0]} rows to match coords [N, 4], got shape "
+                f"{list(feats.shape)}"
             )
         if feats.device != coords.device:
             raise ValueError(f"feats: expected device {coords.device} (that of coords), got {feats.device}")
-        coords = coords.to(torch.int32).contiguous()
         num = coords.shape[0]
+        if coords.dtype != torch.int32 and num and (check or batch_size is None or spatial_shape is None):
+            # Values beyond int32 would wrap silently in the cast below.
+            wide = (coords < 0) | (coords >= max(MAX_BATCH, MAX_COORD))
+            if bool(wide.any()):
+                row = int(wide.any(dim=1).nonzero()[0])
+                raise ValueError(
+                    f"coords: expected 0 <= batch < {MAX_BATCH} and 0 <= x, y, z < {MAX_COORD}, got "
+                    f"{coords[row].tolist()} at row {row}"
+                )
+        coords = coords.to(torch.int32).contiguous()
         if batch_size is None or spatial_shape is None:
             maxima = coords.amax(dim=0).tolist() if num else [0, 0, 0, 0]
+            # Clamped to 1 so that negative coordinates are reported by `validate`, naming coords.
             if batch_size is None:
-                batch_size = int(maxima[0]) + 1
+                batch_size = max(int(maxima[0]) + 1, 1)
             if spatial_shape is None:
-                spatial_shape = tuple(int(m) + 1 for m in maxima[1:])
+                spatial_shape = tuple(max(int(m) + 1, 1) for m in maxima[1:])
         self.coords = coords
         self.feats = feats
-        self.batch_size = int(batch_size)
+        try:
+            self.batch_size = operator.index(batch_size)
+        except TypeError:
+            raise TypeError(f"batch_size: expected an int, got {batch_size!r}") from None
         self.spatial_shape = _triple(spatial_shape, "spatial_shape")
         self.stride = _triple(stride, "stride")
         self._cache: dict[Any, Any] = {}
@@ -179,7 +199,9 @@ class SparseTensor:
                 (batch >= self.batch_size).any(),
                 (coords[:, 1:] >= shape).any(),
                 (batch[1:] < batch[:-1]).any(),
-                (keys.sort().values.diff() == 0).any() if keys.numel() > 1 else torch.zeros((), dtype=torch.bool),
+                (keys.sort().values.diff() == 0).any()
+                if keys.numel() > 1
+                else torch.zeros((), dtype=torch.bool),
             ]
         ).tolist()
         negative, batch_high, outside, unordered, duplicate = stats
@@ -202,7 +224,8 @@ class SparseTensor:
             row = int((batch[1:] < batch[:-1]).nonzero()[0]) + 1
             raise ValueError(
                 "coords: rows of each sample must be contiguous and in batch order (non-decreasing batch "
-                f"column), got batch {int(batch[row - 1])} at row {row - 1} then {int(batch[row])} at row {row}"
+                f"column), got batch {int(batch[row - 1])} at row {row - 1} then {int(batch[row])} at row "
+                f"{row}"
             )
         if duplicate:
             sorted_keys, perm = keys.sort()
@@ -229,14 +252,19 @@ class SparseTensor:
         """Packs per-sample coordinates and features.
 
         Args:
-            coords: ``B`` integer tensors ``[N_b, 3]`` of (x, y, z); ``N_b = 0`` is allowed.
-            feats: ``B`` tensors ``[N_b, ...]`` with equal trailing shapes.
+            coords: ``B >= 1`` integer tensors ``[N_b, 3]`` of (x, y, z); ``N_b = 0`` is allowed.
+            feats: ``B`` tensors ``[N_b, ...]`` with equal trailing shapes and dtypes.
             spatial_shape: Grid extent; defaults to the maximum coordinate + 1.
             stride: Finest-level voxels per voxel.
             check: Validate the result.
 
         Returns:
-            A SparseTensor with ``batch_size = len(coords)``.
+            A SparseTensor with ``batch_size = len(coords)`` (trailing empty samples included).
+
+        Raises:
+            TypeError: A ``coords[b]`` is not an integer tensor.
+            ValueError: The lists differ in length or are empty, a shape, dtype or device differs,
+                or the packed result violates an invariant.
         """
         if len(coords) != len(feats) or len(coords) == 0:
             raise ValueError(
@@ -244,14 +272,29 @@ class SparseTensor:
                 f"{len(feats)}"
             )
         for b, (c, f) in enumerate(zip(coords, feats, strict=True)):
+            if c.dtype.is_floating_point or c.dtype.is_complex or c.dtype == torch.bool:
+                raise TypeError(f"coords[{b}]: expected an integer dtype (int32 or int64), got {c.dtype}")
             if c.dim() != 2 or c.shape[1] != 3:
                 raise ValueError(f"coords[{b}]: expected shape [N, 3] of (x, y, z), got {list(c.shape)}")
-            if f.shape[0] != c.shape[0]:
-                raise ValueError(f"feats[{b}]: expected {c.shape[0]} rows to match coords[{b}], got {f.shape[0]}")
+            if f.dim() < 1 or f.shape[0] != c.shape[0]:
+                raise ValueError(
+                    f"feats[{b}]: expected {c.shape[0]} rows to match coords[{b}], got shape {list(f.shape)}"
+                )
+            if f.shape[1:] != feats[0].shape[1:] or f.dtype != feats[0].dtype:
+                raise ValueError(
+                    f"feats[{b}]: expected trailing shape {list(feats[0].shape[1:])} and dtype "
+                    f"{feats[0].dtype} (those of feats[0]), got {list(f.shape[1:])} and {f.dtype}"
+                )
+            if c.device != coords[0].device or f.device != coords[0].device:
+                raise ValueError(
+                    f"coords[{b}] and feats[{b}]: expected device {coords[0].device} (that of coords[0]), "
+                    f"got {c.device} and {f.device}"
+                )
         batch = torch.cat(
-            [torch.full((c.shape[0], 1), b, dtype=torch.int32, device=c.device) for b, c in enumerate(coords)]
+            [torch.full((c.shape[0], 1), b, dtype=torch.int64, device=c.device) for b, c in enumerate(coords)]
         )
-        packed = torch.cat([batch, torch.cat([c.to(torch.int32) for c in coords])], dim=1)
+        # int64 here so that the constructor range-checks values before its int32 cast.
+        packed = torch.cat([batch, torch.cat([c.long() for c in coords])], dim=1)
         return cls(
             packed,
             torch.cat(list(feats)),
@@ -273,16 +316,21 @@ class SparseTensor:
             stride: Finest-level voxels per voxel.
 
         Returns:
-            A SparseTensor with feats ``[N, C]``, rows in (batch, x, y, z) order.
+            A SparseTensor with feats ``[N, C]``, rows in (batch, x, y, z) order,
+            ``batch_size = B`` and ``spatial_shape = (X, Y, Z)``.
+
+        Raises:
+            ValueError: ``dense`` is not 5-D, or ``mask`` has the wrong shape, dtype or device.
         """
         if dense.dim() != 5:
             raise ValueError(f"dense: expected shape [B, C, X, Y, Z], got {list(dense.shape)}")
         if mask is None:
             mask = (dense != 0).any(dim=1)
         expected = (dense.shape[0], *dense.shape[2:])
-        if tuple(mask.shape) != expected or mask.dtype != torch.bool:
+        if tuple(mask.shape) != expected or mask.dtype != torch.bool or mask.device != dense.device:
             raise ValueError(
-                f"mask: expected bool of shape {list(expected)}, got {mask.dtype} {list(mask.shape)}"
+                f"mask: expected bool of shape {list(expected)} on {dense.device}, got {mask.dtype} "
+                f"{list(mask.shape)} on {mask.device}"
             )
         coords = mask.nonzero().to(torch.int32)  # [N, 4], lexicographic = canonical order
         feats = dense.permute(0, 2, 3, 4, 1)[mask]  # [N, C]
@@ -343,7 +391,13 @@ class SparseTensor:
         """Same layout, new features (sharing the layout's cache).
 
         Args:
-            feats: Tensor ``[N, ...]`` on the same device.
+            feats: Tensor ``[N, ...]`` on the same device; any dtype and trailing shape.
+
+        Returns:
+            A SparseTensor with this layout and ``feats``.
+
+        Raises:
+            ValueError: ``feats`` has the wrong number of rows or is on another device.
         """
         if feats.shape[0] != self.num_voxels:
             raise ValueError(f"feats: expected {self.num_voxels} rows, got shape {list(feats.shape)}")
@@ -372,42 +426,68 @@ class SparseTensor:
                 f"{other!r} vs {self!r}"
             )
 
-    def _binary(self, other: Any, op: Callable[[torch.Tensor, Any], torch.Tensor]) -> SparseTensor:
+    def _operand(self, other: Any) -> Any:
+        """Checks the other operand of an arithmetic op and returns what to combine with ``feats``."""
         if isinstance(other, SparseTensor):
+            if other.device != self.device:
+                raise ValueError(f"other: expected device {self.device}, got {other.device}")
             self._check_layout(other, "other")
             if other.dtype != self.dtype:
                 raise TypeError(f"other: expected feats dtype {self.dtype}, got {other.dtype}")
-            other = other.feats
-        elif isinstance(other, torch.Tensor) and other.device != self.device and other.dim() > 0:
-            raise ValueError(f"other: expected device {self.device}, got {other.device}")
-        return self.replace(op(self.feats, other))
+            return other.feats
+        if isinstance(other, torch.Tensor):
+            if other.device != self.device and other.dim() > 0:
+                raise ValueError(f"other: expected device {self.device}, got {other.device}")
+            if other.dim() > self.feats.dim():
+                raise ValueError(
+                    f"other: expected a tensor broadcastable to feats {list(self.feats.shape)} without new "
+                    f"leading dimensions, got shape {list(other.shape)}"
+                )
+        return other
+
+    def _binary(
+        self, other: Any, op: Callable[[Any, Any], torch.Tensor], reflected: bool = False
+    ) -> SparseTensor:
+        other = self._operand(other)
+        result = op(other, self.feats) if reflected else op(self.feats, other)
+        return self.replace(result)
 
     def __add__(self, other: SparseTensor | torch.Tensor | Number) -> SparseTensor:
-        return self._binary(other, torch.add)
+        return self._binary(other, operator.add)
 
     def __sub__(self, other: SparseTensor | torch.Tensor | Number) -> SparseTensor:
-        return self._binary(other, torch.sub)
+        return self._binary(other, operator.sub)
 
     def __mul__(self, other: SparseTensor | torch.Tensor | Number) -> SparseTensor:
-        return self._binary(other, torch.mul)
+        return self._binary(other, operator.mul)
 
     def __truediv__(self, other: SparseTensor | torch.Tensor | Number) -> SparseTensor:
-        return self._binary(other, torch.div)
+        return self._binary(other, operator.truediv)
 
     def __radd__(self, other: torch.Tensor | Number) -> SparseTensor:
-        return self.replace(other + self.feats)
+        return self._binary(other, operator.add, reflected=True)
 
     def __rmul__(self, other: torch.Tensor | Number) -> SparseTensor:
-        return self.replace(other * self.feats)
+        return self._binary(other, operator.mul, reflected=True)
 
     def __rsub__(self, other: torch.Tensor | Number) -> SparseTensor:
-        return self.replace(other - self.feats)
+        return self._binary(other, operator.sub, reflected=True)
+
+    def __rtruediv__(self, other: torch.Tensor | Number) -> SparseTensor:
+        return self._binary(other, operator.truediv, reflected=True)
 
     def __neg__(self) -> SparseTensor:
         return self.replace(-self.feats)
 
     def cat_channels(self, *others: SparseTensor) -> SparseTensor:
-        """Concatenates features along the last dimension; all tensors must share the layout."""
+        """Concatenates features along the last dimension; all tensors must share the layout.
+
+        Args:
+            *others: SparseTensors with this layout and feats ``[N, ..., C_i]``.
+
+        Returns:
+            A SparseTensor with feats ``[N, ..., C + sum(C_i)]``.
+        """
         for i, other in enumerate(others):
             self._check_layout(other, f"others[{i}]")
         return self.replace(torch.cat([self.feats, *[o.feats for o in others]], dim=-1))
@@ -465,7 +545,7 @@ class SparseTensor:
             ``(padded [B, L, ...], mask [B, L] bool)`` with ``L = max(counts)`` (one host sync).
         """
         counts = self.counts
-        length = int(counts.max()) if self.batch_size else 0
+        length = int(counts.max())  # batch_size >= 1, so counts is never empty
         position = torch.arange(self.num_voxels, device=self.device) - self.offsets[self.batch_index].long()
         padded = self.feats.new_full((self.batch_size, length, *self.feats.shape[1:]), pad_value)
         padded = padded.index_put((self.batch_index, position), self.feats)
@@ -476,7 +556,14 @@ class SparseTensor:
         """Picks samples (in the given order; repeats allowed) and renumbers them ``0..len-1``.
 
         Args:
-            samples: Sample indices, a list or an integer tensor ``[B']``.
+            samples: Sample indices, a list or an integer tensor ``[B']``, each in ``[0, B)``.
+
+        Returns:
+            A SparseTensor with ``batch_size = B'``; sample ``i`` is input sample ``samples[i]`` with
+            its rows in their original order. Same ``spatial_shape`` and ``stride``.
+
+        Raises:
+            ValueError: ``samples`` is empty or holds an index outside ``[0, B)``.
         """
         index = torch.as_tensor(samples, dtype=torch.long, device=self.device).reshape(-1)
         if index.numel() == 0:
@@ -487,7 +574,9 @@ class SparseTensor:
         counts = self.counts[index].long()
         new_offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
         total = int(new_offsets[-1])
-        new_batch = torch.repeat_interleave(torch.arange(index.numel(), device=self.device), counts, output_size=total)
+        new_batch = torch.repeat_interleave(
+            torch.arange(index.numel(), device=self.device), counts, output_size=total
+        )
         rows = starts[new_batch] + torch.arange(total, device=self.device) - new_offsets[new_batch]
         coords = self.coords[rows].clone()
         coords[:, 0] = new_batch.to(torch.int32)
@@ -504,7 +593,12 @@ class SparseTensor:
         """Rows sorted by (batch, x, y, z): the canonical order, independent of input row order."""
         order = self.canonical_order()
         return SparseTensor._from_parts(
-            self.coords[order], self.feats[order], self.offsets, self.batch_size, self.spatial_shape, self.stride
+            self.coords[order],
+            self.feats[order],
+            self.offsets,
+            self.batch_size,
+            self.spatial_shape,
+            self.stride,
         )
 
     def canonical_order(self) -> torch.Tensor:
@@ -530,7 +624,12 @@ class SparseTensor:
     # ------------------------------------------------------------------ files
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Writes coords, feats and layout metadata to a ``.safetensors`` file."""
+        """Writes coords, feats and layout metadata to a ``.safetensors`` file.
+
+        Args:
+            path: Destination file. Features are detached and copied to the CPU; bf16 and empty
+                samples round-trip bitwise.
+        """
         meta = {
             "format": "sparse3d.SparseTensor",
             "batch_size": str(self.batch_size),
@@ -542,13 +641,30 @@ class SparseTensor:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu") -> SparseTensor:
-        """Reads a file written by [`save`][sparse3d.SparseTensor.save] and validates it."""
-        from safetensors import safe_open
+        """Reads a file written by `save` and validates it.
 
-        with safe_open(os.fspath(path), framework="pt") as handle:
-            meta = handle.metadata() or {}
+        Args:
+            path: A ``.safetensors`` file written by `save`.
+            device: Device to load coords and feats onto.
+
+        Returns:
+            The saved SparseTensor (same coords, feats, batch size, spatial shape and stride).
+
+        Raises:
+            ValueError: ``path`` is not a safetensors file or was not written by `save`.
+        """
+        try:
+            with safe_open(os.fspath(path), framework="pt") as handle:
+                meta = handle.metadata() or {}
+        except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+            raise ValueError(
+                f"path: expected a sparse3d.SparseTensor .safetensors file, got {path} ({error})"
+            ) from error
         if meta.get("format") != "sparse3d.SparseTensor":
-            raise ValueError(f"path: {path} is not a sparse3d.SparseTensor file (metadata {meta})")
+            raise ValueError(
+                f"path: expected a sparse3d.SparseTensor file (metadata format='sparse3d.SparseTensor'), got "
+                f"{path} with metadata {meta}"
+            )
         tensors = load_file(os.fspath(path), device=str(device))
         return cls(
             tensors["coords"],

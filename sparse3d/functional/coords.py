@@ -8,14 +8,17 @@ Key layout (bit 63 is always 0, so valid keys are non-negative and ``-1`` means 
 
     key = b << 48 | (x + 2^15) << 32 | (y + 2^15) << 16 | (z + 2^15)
 
-with ``0 <= b < 2^15`` and ``0 <= x, y, z < 2^15``. Because each field carries a ``2^15`` bias,
-adding a neighbour offset ``(dx, dy, dz)`` with ``|d| < 2^15`` to a key never carries between
-fields: ``key(c + d) == key(c) + offset_key(d)``. Negative neighbour coordinates simply produce
-keys that no stored voxel has.
+with ``0 <= b < 2^15`` and ``-2^15 <= x, y, z < 2^15`` (stored voxels use ``0 <= x, y, z < 2^15``).
+Because each field carries a ``2^15`` bias, adding a neighbour offset ``d = (dx, dy, dz)`` to a key
+never carries between fields while ``c + d`` stays in that range:
+``pack_keys(c + d) == pack_keys(c) + offset_keys(d)``. Negative neighbour coordinates simply produce
+keys that no stored voxel has; so does a field that overflows past ``2^15`` (its digit decodes to a
+negative coordinate), so lookups of neighbours with ``|d| < 2^15`` never return a wrong voxel.
 """
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from typing import Literal
 
@@ -49,12 +52,15 @@ Reduce = Literal["sum", "mean", "amax", "amin"]
 
 def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     """Turns an int or a 3-sequence into a 3-tuple of positive ints, naming ``name`` on error."""
-    if isinstance(value, int):
-        out = (value, value, value)
-    else:
-        out = tuple(int(v) for v in value)
-        if len(out) != 3:
-            raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}")
+    try:
+        if isinstance(value, Sequence) or (isinstance(value, torch.Tensor) and value.dim() == 1):
+            out = tuple(operator.index(v) for v in value)
+        else:
+            out = (operator.index(value),) * 3
+    except TypeError:
+        raise TypeError(f"{name}: expected an int or 3 ints, got {value!r}") from None
+    if len(out) != 3:
+        raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}")
     if any(v < 1 for v in out):
         raise ValueError(f"{name}: expected values >= 1, got {value!r}")
     return out  # type: ignore[return-value]
@@ -96,6 +102,9 @@ def unpack_keys(keys: torch.Tensor) -> torch.Tensor:
 def offset_keys(offsets: torch.Tensor) -> torch.Tensor:
     """Key increments of spatial offsets: ``pack_keys(c + d) == pack_keys(c) + offset_keys(d)``.
 
+    The identity holds whenever ``c + d`` stays inside ``[-2^15, 2^15)`` on every axis (see the
+    module docstring for what happens outside).
+
     Args:
         offsets: Integer tensor ``[K, 3]`` of (dx, dy, dz) with ``|d| < 2^15``.
 
@@ -135,23 +144,62 @@ def lookup(table: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
     return _search(sorted_keys, perm, pack_keys(queries))
 
 
-def segment_reduce(values: torch.Tensor, lengths: torch.Tensor, reduce: Reduce) -> torch.Tensor:
+def segment_reduce(
+    values: torch.Tensor, lengths: torch.Tensor, reduce: Reduce, *, check: bool = False
+) -> torch.Tensor:
     """Reduces consecutive runs of rows, deterministically (no atomics).
 
     Args:
-        values: Tensor ``[N, ...]`` whose rows are grouped into consecutive segments.
-        lengths: int64 tensor ``[M]`` of segment lengths summing to ``N`` (zeros allowed).
+        values: Tensor ``[N, ...]`` whose rows are grouped into consecutive segments; floating point,
+            or integer for ``"sum"``, ``"amax"`` and ``"amin"``.
+        lengths: Integer tensor ``[M]`` of non-negative segment lengths summing to ``N`` (zeros
+            allowed), on the device of ``values``.
         reduce: ``"sum"``, ``"mean"``, ``"amax"`` or ``"amin"``. Empty segments give 0.
+        check: Verify that ``lengths`` are non-negative and sum to ``N`` (costs one host sync, so it is
+            off by default for the hot path, where lengths come from ``SparseTensor.counts`` and are
+            valid by construction). Without it, invalid lengths are undefined behaviour.
 
     Returns:
-        Tensor ``[M, ...]``.
+        Tensor ``[M, ...]`` of the dtype of ``values``.
+
+    Raises:
+        ValueError: ``reduce`` is unknown, or ``lengths`` is not 1-D, or (with ``check``) has a
+            negative entry or does not sum to ``N``.
+        TypeError: ``"mean"`` of integer values.
     """
     name = {"sum": "sum", "mean": "mean", "amax": "max", "amin": "min"}.get(reduce)
     if name is None:
         raise ValueError(f"reduce: expected one of 'sum', 'mean', 'amax', 'amin', got {reduce!r}")
+    if lengths.dim() != 1 or lengths.dtype.is_floating_point or lengths.dtype == torch.bool:
+        raise ValueError(
+            f"lengths: expected a 1-D integer tensor [M], got {lengths.dtype} {list(lengths.shape)}"
+        )
+    lengths = lengths.long()
     if lengths.numel() == 0:
+        if values.shape[0] != 0:
+            raise ValueError(f"lengths: expected segments summing to N={values.shape[0]}, got no segments")
         return values.new_zeros((0, *values.shape[1:]))
-    return torch.segment_reduce(values, name, lengths=lengths, axis=0, unsafe=True, initial=0)
+    if check:
+        total, smallest = torch.stack([lengths.sum(), lengths.min()]).tolist()
+        if total != values.shape[0] or smallest < 0:
+            raise ValueError(
+                f"lengths: expected non-negative lengths summing to N={values.shape[0]}, got sum {total} "
+                f"and min {smallest}"
+            )
+    if not values.dtype.is_floating_point:
+        if reduce == "mean":
+            raise TypeError(f"values: 'mean' needs a floating point dtype, got {values.dtype}")
+        # Integer reductions are associative and exact, so a scatter is deterministic too.
+        segment = torch.repeat_interleave(
+            torch.arange(lengths.numel(), device=values.device), lengths, output_size=values.shape[0]
+        )  # [N]
+        index = segment.view(-1, *[1] * (values.dim() - 1)).expand_as(values)
+        out = values.new_zeros((lengths.numel(), *values.shape[1:]))
+        return out.scatter_reduce(0, index, values, reduce, include_self=False)
+    # No `initial`: it would take part in every segment (amax of negatives would give 0).
+    out = torch.segment_reduce(values, name, lengths=lengths, axis=0, unsafe=True)
+    empty = (lengths == 0).view(-1, *[1] * (values.dim() - 1))
+    return torch.where(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
 
 
 def unique_coords(
@@ -170,22 +218,25 @@ def unique_coords(
     Returns:
         ``(unique_coords [M, 4] int32 in (batch, x, y, z) order, unique_feats [M, ...] or None,
         inverse [N] int64)`` with ``unique_coords[inverse] == coords``.
+
+    Raises:
+        ValueError: ``feats`` does not have ``N`` rows, or ``reduce`` is unknown.
     """
     keys = pack_keys(coords)
     unique_keys, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
     out_feats = None
     if feats is not None:
         if feats.shape[0] != coords.shape[0]:
-            raise ValueError(
-                f"feats: expected {coords.shape[0]} rows to match coords, got {feats.shape[0]}"
-            )
+            raise ValueError(f"feats: expected {coords.shape[0]} rows to match coords, got {feats.shape[0]}")
         order = torch.sort(inverse, stable=True).indices
-        out_feats = segment_reduce(feats[order], counts, reduce)
+        out_feats = segment_reduce(feats[order], counts, reduce, check=False)  # counts sum to N
     return unpack_keys(unique_keys), out_feats, inverse
 
 
 def kernel_offsets(
-    kernel_size: int | Sequence[int] = 3, dilation: int | Sequence[int] = 1, device: torch.device | None = None
+    kernel_size: int | Sequence[int] = 3,
+    dilation: int | Sequence[int] = 1,
+    device: torch.device | None = None,
 ) -> torch.Tensor:
     """Spatial offsets of a kernel, x slowest and z fastest.
 
