@@ -50,7 +50,7 @@ def toy_shape(kind: str, resolution: int, generator: torch.Generator) -> torch.T
     if kind == "sphere":
         distance = q.norm(dim=-1) - size[0]
     elif kind == "box":
-        distance = ((q.abs() - size).clamp(min=0).norm(dim=-1) + (q.abs() - size).amax(dim=-1).clamp(max=0))
+        distance = (q.abs() - size).clamp(min=0).norm(dim=-1) + (q.abs() - size).amax(dim=-1).clamp(max=0)
     elif kind == "torus":
         ring = torch.stack([q[..., :2].norm(dim=-1) - size[0], q[..., 2]], dim=-1)
         distance = ring.norm(dim=-1) - 0.4 * size[1]

@@ -1,5 +1,14 @@
 """Stateless sparse-3D ops. Each has a plain-PyTorch implementation that runs on CPU and CUDA."""
 
+from sparse3d.functional.attention import (
+    cross_attention,
+    interleave_index,
+    joint_attention,
+    varlen_attention,
+    window_partition,
+    windowed_attention,
+)
+from sparse3d.functional.conv import conv_output_layout, sparse_conv3d, weight_from_dense, weight_to_dense
 from sparse3d.functional.coords import (
     MAX_BATCH,
     MAX_COORD,
@@ -16,12 +25,50 @@ from sparse3d.functional.coords import (
     unique_coords,
     unpack_keys,
 )
+from sparse3d.functional.norm import group_norm, instance_norm, layer_norm
+from sparse3d.functional.pooling import downsample, patchify, subdivide, unpatchify, upsample
+from sparse3d.functional.rope import (
+    apply_rope,
+    diagonal_ids,
+    grid_ids,
+    index_axis_ids,
+    marope_image_ids,
+    rope_frequencies,
+    shifted_ids,
+    sincos_embedding,
+)
 
 __all__ = [
+    "apply_rope",
+    "diagonal_ids",
+    "grid_ids",
+    "index_axis_ids",
+    "marope_image_ids",
+    "rope_frequencies",
+    "shifted_ids",
+    "sincos_embedding",
+    "cross_attention",
+    "interleave_index",
+    "joint_attention",
+    "varlen_attention",
+    "window_partition",
+    "windowed_attention",
+    "downsample",
+    "group_norm",
+    "instance_norm",
+    "layer_norm",
+    "patchify",
+    "subdivide",
+    "unpatchify",
+    "upsample",
     "MAX_BATCH",
     "MAX_COORD",
     "child_slots",
     "coarse_coords",
+    "conv_output_layout",
+    "sparse_conv3d",
+    "weight_from_dense",
+    "weight_to_dense",
     "invert_kernel_map",
     "kernel_map",
     "kernel_offsets",
