@@ -65,7 +65,9 @@ def sparse_tensors(
     allow_empty: bool = True,
 ) -> SparseTensor:
     """A SparseTensor with random features over a random layout from `layouts`."""
-    coords, size = draw(layouts(max_batch=max_batch, max_size=max_size, min_size=min_size, allow_empty=allow_empty))
+    coords, size = draw(
+        layouts(max_batch=max_batch, max_size=max_size, min_size=min_size, allow_empty=allow_empty)
+    )
     c = channels if channels is not None else draw(st.integers(1, 4))
     seed = draw(st.integers(0, 2**31 - 1))
     generator = torch.Generator().manual_seed(seed)
