@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import platform
+import sys
 import time
 from collections.abc import Callable
 
@@ -137,6 +138,9 @@ def _run_case(
         except Exception as error:  # a backend that cannot run here is reported, not fatal
             entry["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         case_info["runs"].append(entry)
+        print(
+            f"{case_name} {name}: {entry.get('forward_ms', entry.get('error'))}", file=sys.stderr, flush=True
+        )
 
     # The ceiling: plain SDPA on an equal-length batch of the same token count per sample (case a's
     # shape) and on the longest sample, no varlen, no gather.
@@ -236,6 +240,9 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=72)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--out", default=None, help="also write the JSON document here")
+    parser.add_argument(
+        "--backends", nargs="*", default=None, help="subset of backends to time (default: all)"
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     dtype = (
@@ -253,6 +260,8 @@ def main() -> None:
         return torch.randn(rows, heads, width, device=device, dtype=dtype, generator=generator)
 
     backends = available_backends(device, dtype)
+    if args.backends is not None:
+        backends = [b for b in backends if b in args.backends]
     results = [
         _run_case(
             case_name,

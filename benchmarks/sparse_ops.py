@@ -201,7 +201,10 @@ def bench_layout(
     add("subm_conv3_fwd_bwd", timer(fwd_bwd), flops=3 * gemm_flops)
 
     if args.compile and device.type == "cuda":
-        rows.extend(_bench_compiled(x, weight, leaf, weight_leaf, upstream, timer, gemm_flops))
+        try:
+            rows.extend(_bench_compiled(x, weight, leaf, weight_leaf, upstream, timer, gemm_flops))
+        except Exception as error:  # torch.compile is an experiment here: report, do not abort the run
+            rows.append({"op": "subm_conv3_compiled", "error": f"{type(error).__name__}: {str(error)[:200]}"})
 
     spconv = _spconv_module() if device.type == "cuda" else None
     if device.type == "cuda" and spconv is None:

@@ -201,7 +201,7 @@ class SparseTensor:
                 (batch[1:] < batch[:-1]).any(),
                 (keys.sort().values.diff() == 0).any()
                 if keys.numel() > 1
-                else torch.zeros((), dtype=torch.bool),
+                else torch.zeros((), dtype=torch.bool, device=coords.device),
             ]
         ).tolist()
         negative, batch_high, outside, unordered, duplicate = stats

@@ -252,13 +252,14 @@ def _reference(query, key, value, offsets_q, offsets_kv, scale):
         if kv_end == kv_start:
             outputs.append(_zeros(query, value, q_end - q_start))
             continue
+        # 4-D inputs: CUDA's flash/cuDNN kernels only take [B, H, L, D] (3-D falls back to the math kernel).
         out = F.scaled_dot_product_attention(
-            query[q_start:q_end].transpose(0, 1),  # [H, Lq, D]
-            key[kv_start:kv_end].transpose(0, 1),  # [H, Lk, D]
-            value[kv_start:kv_end].transpose(0, 1),  # [H, Lk, Dv]
+            query[None, q_start:q_end].transpose(1, 2),  # [1, H, Lq, D]
+            key[None, kv_start:kv_end].transpose(1, 2),  # [1, H, Lk, D]
+            value[None, kv_start:kv_end].transpose(1, 2),  # [1, H, Lk, Dv]
             scale=scale,
-        )  # [H, Lq, Dv]
-        outputs.append(out.transpose(0, 1))  # [Lq, H, Dv]
+        )  # [1, H, Lq, Dv]
+        outputs.append(out[0].transpose(0, 1))  # [Lq, H, Dv]
     if not outputs:
         return _zeros(query, value, 0)
     return torch.cat(outputs)

@@ -413,11 +413,15 @@ def _render_gsplat(
         far_plane=far_plane,
         eps2d=eps2d,
         sh_degree=degree,
-        backgrounds=None if background is None else background.contiguous(),
         render_mode="RGB+ED",
         rasterize_mode=rasterize_mode,
     )
-    return RenderOutput(output[..., :3], alphas, output[..., 3:4])
+    colors = output[..., :3]  # [C, H, W, 3]
+    if background is not None:
+        # Composited here, as gsplat would (colour + T_final * background with T_final = 1 - alpha):
+        # gsplat 1.5.3 rejects `backgrounds` in its default packed mode (it checks an image shape of ()).
+        colors = colors + (1.0 - alphas) * background[:, None, None, :]
+    return RenderOutput(colors, alphas, output[..., 3:4])
 
 
 def render(
