@@ -220,8 +220,8 @@ def _bench_compiled(x, weight, leaf, weight_leaf, upstream, timer, gemm_flops) -
     with torch.no_grad():
         reference = sparse_conv3d(x, weight).feats
     try:
-        conv_module._gather_gemm = torch.compile(eager_gather)
-        conv_module._weight_grad = torch.compile(eager_grad)
+        conv_module._gather_gemm = torch.compile(eager_gather, dynamic=False)
+        conv_module._weight_grad = torch.compile(eager_grad, dynamic=False)
         start = time.perf_counter()
         with torch.no_grad():
             compiled = sparse_conv3d(x, weight).feats

@@ -15,7 +15,7 @@ from sparse3d.tensor import SparseTensor
 __all__ = ["FlowTensor", "LinearPath", "PathSample", "batch_size_of", "expand_time", "noise_like"]
 
 FlowTensor = Union[torch.Tensor, SparseTensor]  # noqa: UP007 (a runtime alias; mkdocstrings renders it)
-"""A dense batch ``[B, ...]`` or a packed [`SparseTensor`][sparse3d.SparseTensor] with feats ``[N, ...]``."""
+"""A dense batch ``[B, ...]`` or a packed [`SparseTensor`][sparse3d.tensor.SparseTensor] ``[N, ...]``."""
 
 
 def _values(x: FlowTensor) -> torch.Tensor:

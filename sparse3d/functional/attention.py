@@ -203,13 +203,15 @@ def select_backend(
 ) -> str:
     """The backend ``"auto"`` picks, from input properties only (no host sync, no environment variables).
 
-    Rules (set from H100 measurements; see ``benchmarks/attention.py``):
+    Rules (set from H100 measurements, ``benchmarks/RESULTS.md``; see ``benchmarks/attention.py``):
 
     1. equal lengths in every segment: ``"sdpa"`` (one batched call, flash kernel on CUDA);
-    2. CUDA, fp16/bf16, ``D == Dv``, ``D % 8 == 0``, ``D <= 256``: ``"varlen"`` when torch has it,
-       else ``"flash_attn"`` when installed;
-    3. at most 8 segments: ``"reference"`` (a short per-sample loop);
-    4. otherwise (e.g. many windows): ``"padded"``.
+    2. at most 16 segments: ``"reference"``, the per-sample SDPA loop (flash kernel per sample on CUDA;
+       one host sync to read the offsets). On an H100, 8 samples of 1k-8k tokens, 16 heads x 72, bf16:
+       281 TFLOP/s forward against 207 for ``varlen_attn`` (2026-11-25);
+    3. CUDA, fp16/bf16, ``D == Dv``, ``D % 8 == 0``, ``D <= 256``: ``"varlen"`` when torch has it,
+       else ``"flash_attn"`` when installed (many segments, e.g. windows: no per-segment launches);
+    4. otherwise: ``"padded"``.
 
     Args:
         query: Packed queries ``[T, H, D]``.
@@ -222,6 +224,8 @@ def select_backend(
     """
     if equal_lengths:
         return "sdpa"
+    if num_segments <= 16:
+        return "reference"
     head_dim, value_dim = query.shape[-1], value.shape[-1]
     if (
         query.is_cuda
@@ -234,8 +238,6 @@ def select_backend(
             return "varlen"
         if _has_flash_attn():
             return "flash_attn"
-    if num_segments <= 8:
-        return "reference"
     return "padded"
 
 
@@ -737,7 +739,7 @@ def window_partition(
 
     Groups are sorted by (sample, cell) and rows keep their input order inside a group (stable sort).
     One host sync (the number and the largest size of the groups). Cache the result on a layout with
-    [`SparseTensor.cached`][sparse3d.SparseTensor.cached].
+    [`SparseTensor.cached`][sparse3d.tensor.SparseTensor.cached].
 
     Args:
         coords: Integer ``[N, 4]`` of (batch, x, y, z), non-negative.
