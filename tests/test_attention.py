@@ -228,6 +228,32 @@ def test_interleave_index_example():
     assert offsets_joint.tolist() == [0, 3, 7]
 
 
+@pytest.mark.parametrize("max_seqlen", [None, (2, 5), 7, (3, 5)])
+@pytest.mark.parametrize("lengths_b", [[5, 5, 5], [5, 4, 5]])
+def test_joint_equal_lengths_fast_path_matches_interleaved(max_seqlen, lengths_b):
+    """Equal per-modality lengths take the cat + batched SDPA path; it must equal the permutation path.
+
+    ``(2, 5)`` (exact maxima) and ``None`` (maxima from the sync) take the fast path when every sample has
+    2 + 5 tokens; ``7`` (joint only) and ``(3, 5)`` (an upper bound) must not, and unequal voxel counts
+    never do. All agree with the interleaved reference.
+    """
+    generator = torch.Generator().manual_seed(11)
+    lengths_a = [2, 2, 2]
+    tensors_a = [packed(lengths_a, 2, 4, generator, requires_grad=True) for _ in range(3)]
+    tensors_b = [packed(lengths_b, 2, 4, generator, requires_grad=True) for _ in range(3)]
+    offsets = offsets_of(lengths_a), offsets_of(lengths_b)
+    out = joint_attention(*tensors_a, offsets[0], *tensors_b, offsets[1], max_seqlen=max_seqlen)
+    expected = joint_attention(*tensors_a, offsets[0], *tensors_b, offsets[1], backend="reference")
+    inputs = [*tensors_a, *tensors_b]
+    weights = [torch.randn(o.shape, generator=generator, dtype=o.dtype) for o in out]
+    grads = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out, weights, strict=True)), inputs)
+    expected_grads = torch.autograd.grad(
+        sum((o * w).sum() for o, w in zip(expected, weights, strict=True)), inputs
+    )
+    for got, want in zip([*out, *grads], [*expected, *expected_grads], strict=True):
+        torch.testing.assert_close(got, want)
+
+
 def test_joint_one_output_unused_still_differentiable():
     generator = torch.Generator().manual_seed(3)
     tensors_a = [packed([2, 3], 1, 4, generator, requires_grad=True) for _ in range(3)]

@@ -117,7 +117,7 @@ class SMDiT(nn.Module):
         context_rope, latent_rope = self.rope(
             voxels.coords, image_shape=(h, w), grid_shape=voxels.spatial_shape, batch_size=batch
         )
-        max_seqlen = h * w + int(voxels.counts.max())  # the one host sync of the forward
+        max_seqlen = (h * w, int(voxels.counts.max()))  # per-stream maxima: the one host sync of the forward
         for block in self.double_blocks:
             context, latent = block(
                 context, context_offsets, latent, voxels.offsets, vec, context_rope, latent_rope,

@@ -608,7 +608,7 @@ def joint_attention(
     *,
     scale: float | None = None,
     backend: str | None = None,
-    max_seqlen: int | None = None,
+    max_seqlen: int | tuple[int, int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     r"""Full attention over each sample's concatenation of two modalities, without padding either.
 
@@ -628,8 +628,12 @@ def joint_attention(
         offsets_b: int32 ``[B + 1]`` offsets of modality ``b``.
         scale: Score scale; default ``1 / sqrt(D)``.
         backend: See [`varlen_attention`][sparse3d.functional.attention.varlen_attention].
-        max_seqlen: Longest joint sequence ``max_b (La_b + Lb_b)`` (an upper bound is fine); passing it
-            skips the host sync that validates the offsets (they are then trusted).
+        max_seqlen: Longest joint sequence ``max_b (La_b + Lb_b)`` (an upper bound is fine), or the
+            longest sample of each modality ``(max_b La_b, max_b Lb_b)``; passing it skips the host sync
+            that validates the offsets (they are then trusted). When every sample has the same length in
+            each modality (known from the per-modality maxima, e.g. ``(h * w, max voxels)``), the joint
+            sequences are built by one ``cat`` per tensor into ``[B, La + Lb, H, D]`` and attended with one
+            batched SDPA call, with no permutation (see ``benchmarks/RESULTS.md`` for what that saves).
 
     Returns:
         ``(out_a [Ta, H, Dv], out_b [Tb, H, Dv])``.
@@ -671,14 +675,23 @@ def joint_attention(
             f"len(offsets_b)), got B={offsets_a.shape[0] - 1} and B={offsets_b.shape[0] - 1}"
         )
     num_a, num_b = query_a.shape[0], query_b.shape[0]
-    if max_seqlen is None:  # one host sync: validate both offsets and find the longest joint sample
-        _, _, max_seqlen = _validated_max(
+    max_a = max_b = None
+    if max_seqlen is None:  # one host sync: validate both offsets and find the longest samples
+        max_a, max_b, max_seqlen = _validated_max(
             [
                 ("offsets_a", offsets_a, num_a, "query_a"),
                 ("offsets_b", offsets_b, num_b, "query_b"),
                 ("offsets_a + offsets_b", offsets_a.long() + offsets_b.long(), num_a + num_b, "both"),
             ]
         )
+    elif isinstance(max_seqlen, tuple):
+        max_a, max_b = max_seqlen
+        max_seqlen = max_a + max_b
+    num_samples = offsets_a.shape[0] - 1
+    # Each modality's longest sample times B equals its total only if all its samples are that long.
+    equal = max_a is not None and num_a == num_samples * max_a and num_b == num_samples * max_b
+    if equal and num_samples > 0 and max_seqlen > 0 and backend in (None, "auto", "sdpa"):
+        return _joint_equal(query_a, key_a, value_a, query_b, key_b, value_b, num_samples, scale)
     index_a, index_b, offsets_joint = interleave_index(offsets_a, offsets_b, num_a, num_b)
     query = _Interleave.apply(query_a, query_b, index_a, index_b)  # [Ta + Tb, H, D]
     key = _Interleave.apply(key_a, key_b, index_a, index_b)  # [Ta + Tb, H, D]
@@ -695,6 +708,27 @@ def joint_attention(
         max_seqlen_kv=max_seqlen,
     )  # [Ta + Tb, H, Dv]
     return _Split.apply(out, index_a, index_b)
+
+
+def _joint_equal(query_a, key_a, value_a, query_b, key_b, value_b, num_samples, scale):
+    """Joint attention when every sample has ``La`` a-tokens and ``Lb`` b-tokens: cat, one SDPA, views."""
+    heads, value_dim = query_a.shape[1], value_a.shape[-1]
+    length_a, length_b = query_a.shape[0] // num_samples, query_b.shape[0] // num_samples
+
+    def joint(rows_a: torch.Tensor, rows_b: torch.Tensor) -> torch.Tensor:
+        batched_a = rows_a.view(num_samples, length_a, heads, rows_a.shape[-1])  # [B, La, H, D]
+        batched_b = rows_b.view(num_samples, length_b, heads, rows_b.shape[-1])  # [B, Lb, H, D]
+        return torch.cat([batched_a, batched_b], dim=1).transpose(1, 2)  # [B, H, La + Lb, D]
+
+    out = F.scaled_dot_product_attention(
+        joint(query_a, query_b),
+        joint(key_a, key_b),
+        joint(value_a, value_b),
+        scale=_default_scale(scale, query_a.shape[-1]),
+    ).transpose(1, 2)  # [B, La + Lb, H, Dv]
+    out_a = out[:, :length_a].reshape(num_samples * length_a, heads, value_dim)  # [Ta, H, Dv]
+    out_b = out[:, length_a:].reshape(num_samples * length_b, heads, value_dim)  # [Tb, H, Dv]
+    return out_a, out_b
 
 
 # ---------------------------------------------------------------------------------------------- windowed

@@ -92,7 +92,7 @@ def _check_inputs(
     vec: torch.Tensor,
     context_rope: RopeTables,
     latent_rope: RopeTables,
-    max_seqlen: int | None,
+    max_seqlen: int | tuple[int, int] | None,
 ) -> int:
     """Checks shared by the blocks; returns the longest joint sequence.
 
@@ -132,7 +132,8 @@ def _check_inputs(
             latent_offsets[0].long(),
             latent_offsets[-1].long(),
             torch.minimum(context_lengths.min(), latent_lengths.min()),
-            (context_lengths + latent_lengths).max(),
+            context_lengths.max(),
+            latent_lengths.max(),
         ]
     ).tolist()  # the one host sync
     for name, first, last, rows in (
@@ -147,7 +148,7 @@ def _check_inputs(
         raise ValueError(
             f"context_offsets, latent_offsets: expected non-decreasing offsets, got a step {stats[4]}"
         )
-    return int(stats[5])
+    return int(stats[5]), int(stats[6])  # per-modality maxima: joint_attention spots equal lengths
 
 
 def _modulate(
@@ -268,7 +269,7 @@ class DoubleStreamBlock(nn.Module):
         context_rope: RopeTables,
         latent_rope: RopeTables,
         *,
-        max_seqlen: int | None = None,
+        max_seqlen: int | tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the block on a packed batch.
 
@@ -280,8 +281,10 @@ class DoubleStreamBlock(nn.Module):
             vec: Conditioning vector per sample ``[B, D]`` (e.g. the timestep embedding).
             context_rope: ``(cos, sin)`` tables ``[Tc, D / H]`` in ``context`` order.
             latent_rope: ``(cos, sin)`` tables ``[Tl, D / H]`` in ``latent`` order.
-            max_seqlen: Longest joint sequence ``max_b (Tc_b + Tl_b)`` (an upper bound is fine). Passing it
-                skips the one host sync that validates the offsets (they are then trusted).
+            max_seqlen: Longest joint sequence ``max_b (Tc_b + Tl_b)`` (an upper bound is fine), or the
+                longest sample of each stream ``(max_b Tc_b, max_b Tl_b)``, which also lets equal-length
+                batches skip the token permutation. Passing it skips the one host sync that validates the
+                offsets (they are then trusted).
 
         Returns:
             ``(context, latent)``: updated tokens ``[Tc, D]`` and ``[Tl, D]``.
@@ -389,7 +392,7 @@ class SingleStreamBlock(nn.Module):
         context_rope: RopeTables,
         latent_rope: RopeTables,
         *,
-        max_seqlen: int | None = None,
+        max_seqlen: int | tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Runs the block on a packed batch.
 
@@ -401,8 +404,10 @@ class SingleStreamBlock(nn.Module):
             vec: Conditioning vector per sample ``[B, D]``.
             context_rope: ``(cos, sin)`` tables ``[Tc, D / H]`` in ``context`` order.
             latent_rope: ``(cos, sin)`` tables ``[Tl, D / H]`` in ``latent`` order.
-            max_seqlen: Longest joint sequence ``max_b (Tc_b + Tl_b)`` (an upper bound is fine). Passing it
-                skips the one host sync that validates the offsets (they are then trusted).
+            max_seqlen: Longest joint sequence ``max_b (Tc_b + Tl_b)`` (an upper bound is fine), or the
+                longest sample of each stream ``(max_b Tc_b, max_b Tl_b)``, which also lets equal-length
+                batches skip the token permutation. Passing it skips the one host sync that validates the
+                offsets (they are then trusted).
 
         Returns:
             ``(context, latent)``: updated tokens ``[Tc, D]`` and ``[Tl, D]``.
