@@ -52,6 +52,9 @@ Reduce = Literal["sum", "mean", "amax", "amin"]
 
 def _triple(value: int | Sequence[int], name: str) -> tuple[int, int, int]:
     """Turns an int or a 3-sequence into a 3-tuple of positive ints, naming ``name`` on error."""
+    items = value if isinstance(value, Sequence) else [value]
+    if any(isinstance(v, bool) for v in items):  # True is an int to Python, never a size here
+        raise TypeError(f"{name}: expected an int or 3 ints, got {value!r}")
     try:
         if isinstance(value, Sequence) or (isinstance(value, torch.Tensor) and value.dim() == 1):
             out = tuple(operator.index(v) for v in value)

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import torch
 
-from sparse3d.functional.coords import child_slots, coarse_coords, lookup, subdivide_coords
+from sparse3d.functional.coords import _triple, child_slots, coarse_coords, lookup, subdivide_coords
 from sparse3d.tensor import SparseTensor
 
 __all__ = ["downsample", "upsample", "patchify", "unpatchify", "subdivide"]
@@ -32,23 +32,6 @@ class _Parents:
     slots: torch.Tensor  # [N] int64 in [0, F)
     offsets: torch.Tensor  # [B + 1] int32
     cache: dict[Any, Any] = field(default_factory=dict)  # shared by every coarse tensor built from here
-
-
-def _factor(value: Any, name: str = "factor") -> tuple[int, int, int]:
-    """An int or 3 ints, each >= 1, as a 3-tuple; raises naming ``name`` otherwise."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name}: expected an int or 3 ints, got {value!r}")
-    if isinstance(value, int):
-        out = (value, value, value)
-    elif isinstance(value, Sequence) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-        out = tuple(value)
-        if len(out) != 3:
-            raise ValueError(f"{name}: expected an int or 3 ints, got {value!r}")
-    else:
-        raise TypeError(f"{name}: expected an int or 3 ints, got {value!r}")
-    if any(v < 1 for v in out):
-        raise ValueError(f"{name}: expected values >= 1, got {value!r}")
-    return out  # type: ignore[return-value]
 
 
 def _parents(x: SparseTensor, factor: tuple[int, int, int]) -> _Parents:
@@ -115,7 +98,7 @@ def downsample(
     Raises:
         ValueError: ``factor`` or ``reduce`` is invalid.
     """
-    f = _factor(factor)
+    f = _triple(factor, "factor")
     if reduce not in ("mean", "amax", "sum"):
         raise ValueError(f"reduce: expected one of 'mean', 'amax', 'sum', got {reduce!r}")
     parents = _parents(x, f)
@@ -262,7 +245,7 @@ def patchify(x: SparseTensor, factor: int | Sequence[int] = 2) -> tuple[SparseTe
     Raises:
         ValueError: ``factor`` is invalid or feats are not ``[N, C]``.
     """
-    f = _factor(factor)
+    f = _triple(factor, "factor")
     if x.feats.dim() != 2:
         raise ValueError(f"x.feats: expected shape [N, C], got {list(x.feats.shape)}")
     parents = _parents(x, f)
@@ -325,7 +308,7 @@ def subdivide(x: SparseTensor, factor: int | Sequence[int] = 2) -> SparseTensor:
     Raises:
         ValueError: ``factor`` is invalid or does not divide ``x.stride``.
     """
-    f = _factor(factor)
+    f = _triple(factor, "factor")
     if any(s % g != 0 for s, g in zip(x.stride, f, strict=True)):
         raise ValueError(f"factor: expected a divisor of x.stride={x.stride} per axis, got {factor!r}")
     num_slots = f[0] * f[1] * f[2]
