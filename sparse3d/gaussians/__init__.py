@@ -2,6 +2,23 @@
 3DGS PLY files and turntables."""
 
 from sparse3d.gaussians.container import Gaussians
+from sparse3d.gaussians.decoder import (
+    GaussianDecoder,
+    GaussianDecoderConfig,
+    GaussianHead,
+    GaussianHeadConfig,
+    SparseTransformer,
+    SparseTransformerBlock,
+    SparseTransformerConfig,
+    SparseVAE,
+    SparseVAEConfig,
+    SparseVAEOutput,
+    decoder_paper,
+    decoder_tiny,
+    kl_divergence,
+    vae_paper,
+    vae_tiny,
+)
 from sparse3d.gaussians.io import load_ply, ply_property_names, save_ply
 from sparse3d.gaussians.losses import (
     LPIPS,
@@ -24,6 +41,21 @@ from sparse3d.gaussians.sh import eval_sh, num_sh_bases, rgb_to_sh, sh_basis, sh
 from sparse3d.gaussians.viz import save_gif, save_grid, save_mp4, save_turntable, turntable_frames
 
 __all__ = [
+    "GaussianDecoder",
+    "GaussianDecoderConfig",
+    "GaussianHead",
+    "GaussianHeadConfig",
+    "SparseTransformer",
+    "SparseTransformerBlock",
+    "SparseTransformerConfig",
+    "SparseVAE",
+    "SparseVAEConfig",
+    "SparseVAEOutput",
+    "decoder_paper",
+    "decoder_tiny",
+    "kl_divergence",
+    "vae_paper",
+    "vae_tiny",
     "LPIPS",
     "GaussianLoss",
     "GaussianLossTerms",
