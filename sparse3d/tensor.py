@@ -615,6 +615,16 @@ class SparseTensor:
             self._cache["sorted_keys"] = torch.sort(pack_keys(self.coords), stable=True)
         return self._cache["sorted_keys"]
 
+    @property
+    def cache(self) -> dict[Any, Any]:
+        """The layout's memo: data derived from the coordinates (sorted keys, kernel maps, parent maps).
+
+        Shared by every tensor made with [`replace`][sparse3d.tensor.SparseTensor.replace]. Ops may read it
+        (``cache.get(key)``) and add entries, but only values that are pure functions of the layout, so
+        that a cache never changes a result. Prefer [`cached`][sparse3d.tensor.SparseTensor.cached].
+        """
+        return self._cache
+
     def cached(self, key: Any, build: Callable[[], Any]) -> Any:
         """Returns ``build()``, memoised on this layout under ``key`` (shared by `replace`)."""
         if key not in self._cache:

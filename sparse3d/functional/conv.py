@@ -159,10 +159,10 @@ def _plan(
         layout = conv_output_layout(input, stride=stride, transposed=transposed)
         return input.cached(key, lambda: build(layout))
     # Keyed on the output coords' identity; the entry holds a reference to them so the id is never reused.
-    entry = input._cache.get((*key, "out_layout"))
+    entry = input.cache.get((*key, "out_layout"))
     if entry is None or entry[0] is not out_layout.coords:
         entry = (out_layout.coords, build(out_layout))
-        input._cache[(*key, "out_layout")] = entry
+        input.cache[(*key, "out_layout")] = entry
     return entry[1]
 
 

@@ -167,10 +167,10 @@ def _child_map(
             )
             raise ValueError(f"child_to_parent: expected an integer tensor [{fine.num_voxels}], got {got}")
         return child_to_parent.long(), child_slots(fine.coords, factor)
-    memo = fine._cache.get((_CACHE_KEY, factor))  # left by downsample / patchify of fine
+    memo = fine.cache.get((_CACHE_KEY, factor))  # left by downsample / patchify of fine
     if memo is not None and _same_coords(memo.coords, coarse.coords):
         return memo.child_to_parent, memo.slots
-    parent_coords = fine._cache.get((_CHILDREN_KEY, factor))  # left by subdivide into fine
+    parent_coords = fine.cache.get((_CHILDREN_KEY, factor))  # left by subdivide into fine
     if parent_coords is not None and _same_coords(parent_coords, coarse.coords):
         num_slots = factor[0] * factor[1] * factor[2]
         rows = torch.arange(parent_coords.shape[0], device=fine.coords.device)
@@ -319,5 +319,5 @@ def subdivide(x: SparseTensor, factor: int | Sequence[int] = 2) -> SparseTensor:
     stride = tuple(s // g for s, g in zip(x.stride, f, strict=True))
     fine = SparseTensor._from_parts(coords, feats, x.offsets * num_slots, x.batch_size, shape, stride)
     # Remember the parent layout: upsample/unpatchify from x onto this layout then skip the lookup.
-    fine._cache[(_CHILDREN_KEY, f)] = x.coords
+    fine.cache[(_CHILDREN_KEY, f)] = x.coords
     return fine

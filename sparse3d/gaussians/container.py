@@ -80,7 +80,8 @@ class Gaussians:
             sh: ``[N, K, 3]`` SH coefficients, ``K`` in {1, 4, 9, 16}.
             offsets: Integer ``[B + 1]`` sample boundaries (non-decreasing, from 0 to N); ``None``
                 means one sample holding all ``N`` Gaussians.
-            check: Also check values (finite, scales > 0, opacities in (0, 1), quats non-zero).
+            check: Also check values (offsets non-decreasing from 0 to N; finite, scales > 0, opacities in
+                (0, 1), quats non-zero).
                 Shapes, dtypes and devices are always checked. Value checks synchronise with the device.
         """
         for name, value in zip(_FIELDS, (means, quats, scales, opacities, sh), strict=True):
@@ -120,6 +121,7 @@ class Gaussians:
                     f"and shape {list(offsets.shape)}"
                 )
             offsets = offsets.to(torch.int64)
+        if check:  # reading the offsets' values synchronises with the device
             bounds = offsets.tolist()
             if (
                 bounds[0] != 0
