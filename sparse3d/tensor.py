@@ -408,12 +408,16 @@ class SparseTensor:
         )
 
     def same_layout(self, other: SparseTensor) -> bool:
-        """True if ``other`` has the same coordinates (in the same row order), batch size and stride."""
-        if self.coords is other.coords:
-            return True
-        return (
+        """True if ``other`` has the same coordinates (in the same row order), batch size, stride and grid."""
+        same_grid = (
             self.batch_size == other.batch_size
             and self.stride == other.stride
+            and self.spatial_shape == other.spatial_shape
+        )
+        if self.coords is other.coords:
+            return same_grid
+        return (
+            same_grid
             and self.coords.shape == other.coords.shape
             and self.coords.device == other.coords.device
             and bool(torch.equal(self.coords, other.coords))

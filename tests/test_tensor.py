@@ -235,6 +235,9 @@ def test_arithmetic_errors():
     more_samples = SparseTensor(coords, torch.ones(3, 2), batch_size=3)
     with pytest.raises(ValueError, match=r"other: expected a SparseTensor with the same layout"):
         x * more_samples
+    larger_grid = SparseTensor(coords, torch.ones(3, 2), spatial_shape=8)  # same rows, another grid
+    with pytest.raises(ValueError, match=r"other: expected a SparseTensor with the same layout"):
+        x + larger_grid
     with pytest.raises(TypeError, match=r"other: expected feats dtype torch.float32, got torch.float64"):
         x - x.to(torch.float64)
     with pytest.raises(ValueError, match=r"other: expected device cpu, got meta"):
