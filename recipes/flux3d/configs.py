@@ -15,7 +15,7 @@ class TrainConfig:
 
     Attributes:
         model: The SMDiT architecture.
-        resolution: Voxel grid size ``R`` of the (toy) latents.
+        resolution: Voxel grid size ``R`` of the latents (taken from the data with ``--data``).
         batch_size: Assets per step.
         steps: Optimiser steps.
         learning_rate: AdamW learning rate (the paper's value was lost in extraction; 1e-4 as TRELLIS).
