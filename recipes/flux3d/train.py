@@ -6,7 +6,8 @@
 
 Without ``--data`` every preset trains on procedural voxel latents generated in memory
 (`recipes/flux3d/toy.py`), so the run needs no weights and no data set. Writes ``metrics.json`` (loss curve
-and sampling error), ``loss.png`` when matplotlib is installed, and ``model.safetensors``.
+and sampling error), ``loss.png`` when matplotlib is installed, ``model.safetensors`` and ``config.json`` (the
+config and the data's encoding options, read by ``sample.py``).
 
 Training on a prepared dataset (``procedural.py`` then ``prepare.py``, or a TRELLIS-layout folder):
 
@@ -444,6 +445,18 @@ def train(config: TrainConfig, out_dir: Path, device: torch.device, data: Prepar
         {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()},
         out_dir / "model.safetensors",
     )
+    # What sample.py needs to rebuild the model and encode condition images the same way.
+    saved_config = {"train_config": dataclasses.asdict(config), "data": None}
+    if data is not None:
+        saved_config["data"] = {
+            "feature": data.feature_name,
+            "extractor": data.extractor_name,
+            "pool": int(getattr(data.encoder.extractor, "pool", 1)),
+            "image_size": data.dataset.image_size,
+            "resolution": data.resolution,
+            "has_std": data.has_std,
+        }
+    (out_dir / "config.json").write_text(json.dumps(saved_config, indent=1))
     _plot(losses, out_dir / "loss.png")
     return metrics
 
