@@ -24,7 +24,7 @@ class SparseTensor:
 
     Each active voxel is a row: its coordinates ``(batch, x, y, z)`` and its features. The rows of
     one sample are contiguous and samples appear in batch order, so ``offsets`` (the row where
-    each sample starts, plus the total) doubles as ``cu_seqlens`` for variable-length attention::
+    each sample starts, plus the total) doubles as ``cu_seqlens`` for variable-length attention:
 
         sample 0: 3 voxels      sample 1: empty      sample 2: 2 voxels
 
@@ -53,7 +53,7 @@ class SparseTensor:
     SparseTensor of the same layout and dtype, a number, or a tensor that broadcasts to ``feats``
     without adding leading dimensions (e.g. ``[C]`` or ``[N, 1]``).
 
-    Example:
+    Examples:
         >>> coords = torch.tensor([[0, 1, 4, 2], [0, 1, 4, 3], [1, 0, 0, 0]])
         >>> x = SparseTensor(coords, torch.randn(3, 8), spatial_shape=(8, 8, 8))
         >>> x.batch_size, x.offsets.tolist(), x.feats.shape

@@ -211,7 +211,7 @@ def _split(x: FlowTensor, both: FlowTensor) -> tuple[FlowTensor, FlowTensor]:
 class ClassifierFreeGuidance:
     r"""A guided velocity field wrapping a conditional model (itself a ``VelocityField``).
 
-    For ``t`` inside ``interval`` (inclusive) it returns::
+    For ``t`` inside ``interval`` (inclusive) it returns:
 
         v = v_u + w (v_c - v_u)                 form="standard" (scale = w)
         v = (1 + w') v_c - w' v_u               form="trellis"  (scale = w'), i.e. w = w' + 1
@@ -235,7 +235,7 @@ class ClassifierFreeGuidance:
             TRELLIS uses ``(0.5, 1.0)``.
         rescale: Guidance rescale ``phi`` in ``[0, 1]``.
 
-    Example:
+    Examples:
         >>> model = lambda x, t, image: x * 0 + image  # a toy conditional velocity
         >>> cfg = ClassifierFreeGuidance(
         ...     model, 3.0, condition={"image": torch.ones(2, 4)}, null_condition={"image": torch.zeros(2, 4)}

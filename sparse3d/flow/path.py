@@ -153,7 +153,7 @@ class PathSample:
 class LinearPath:
     r"""The linear interpolation path of rectified flow, with TRELLIS's optional ``sigma_min``.
 
-    With ``s = sigma_min``::
+    With ``s = sigma_min``:
 
         x_t    = alpha(t) x0 + sigma(t) eps,   alpha(t) = 1 - t,   sigma(t) = s + (1 - s) t
         target = d x_t / d t = (1 - s) eps - x0
@@ -166,7 +166,7 @@ class LinearPath:
     Attributes:
         sigma_min: Noise scale left at ``t = 0``, in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> path = LinearPath()
         >>> x0 = torch.zeros(2, 3)
         >>> s = path.sample(x0, torch.tensor([0.25, 1.0]), noise=torch.ones(2, 3))

@@ -276,7 +276,7 @@ class TimeSampler:
         shift: Static shift ``s > 0`` applied after sampling (1 = none).
         shift_kind: Kind of the dynamic shift used when ``mu`` is passed to ``__call__``.
 
-    Example:
+    Examples:
         >>> sampler = TimeSampler(distribution="logit_normal", mean=1.0, std=1.0)  # TRELLIS
         >>> t = sampler(4, generator=torch.Generator().manual_seed(0))
         >>> t.shape

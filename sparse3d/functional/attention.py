@@ -565,7 +565,7 @@ def interleave_index(
     r"""Where each token of two packed batches lands in their per-sample concatenation.
 
     The joint sequence holds, for every sample ``b`` in order, that sample's ``a`` rows then its ``b``
-    rows::
+    rows:
 
         a: [a0 a0 | a1]          offsets_a = [0, 2, 3]
         b: [b0 | b1 b1 b1]       offsets_b = [0, 1, 4]

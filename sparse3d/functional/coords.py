@@ -4,7 +4,7 @@ Every op here is a plain-PyTorch reference that runs unchanged on CPU and CUDA. 
 table: coordinates are packed into one int64 key each, sorted once, and looked up with
 ``torch.searchsorted``. Sorting is deterministic, so every map built here is too.
 
-Key layout (bit 63 is always 0, so valid keys are non-negative and ``-1`` means "missing")::
+Key layout (bit 63 is always 0, so valid keys are non-negative and ``-1`` means "missing"):
 
     key = b << 48 | (x + 2^15) << 32 | (y + 2^15) << 16 | (z + 2^15)
 

@@ -19,7 +19,7 @@ class Gaussians:
 
     The Gaussians of one sample are contiguous and samples appear in batch order; ``offsets``
     (where each sample starts, plus the total) plays the role it has in
-    [`SparseTensor`][sparse3d.tensor.SparseTensor]::
+    [`SparseTensor`][sparse3d.tensor.SparseTensor]:
 
         sample 0: 3 Gaussians     sample 1: none     sample 2: 2 Gaussians
 
@@ -43,7 +43,7 @@ class Gaussians:
 
     All fields share one dtype and device. The object is immutable: methods return new objects.
 
-    Example:
+    Examples:
         >>> g = Gaussians(torch.zeros(2, 3), torch.tensor([[1.0, 0, 0, 0]] * 2), torch.full((2, 3), 0.1),
         ...               torch.full((2,), 0.5), torch.zeros(2, 1, 3), offsets=torch.tensor([0, 1, 2]))
         >>> g.batch_size, g.num_gaussians, g.sh_degree

@@ -529,7 +529,7 @@ class GaussianDecoder(nn.Module):
         config: Torso and head configuration, e.g.
             [`decoder_paper`][sparse3d.gaussians.decoder.decoder_paper].
 
-    Example:
+    Examples:
         >>> decoder = GaussianDecoder(decoder_tiny())
         >>> x = SparseTensor(torch.tensor([[0, 1, 2, 3], [0, 4, 5, 6]]), torch.randn(2, 16), spatial_shape=64)
         >>> decoder(x).num_gaussians

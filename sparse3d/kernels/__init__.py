@@ -86,7 +86,7 @@ def use_backend(name: str) -> Iterator[str]:
     Raises:
         ValueError: ``name`` is unknown or not available.
 
-    Example:
+    Examples:
         >>> with use_backend("torch"):
         ...     current_backend()
         'torch'

@@ -33,9 +33,12 @@ class SparseConv3d(nn.Module):
         bias: Learn an additive bias ``[C_out]``.
         transposed: Transposed (upsampling) convolution.
 
-    Example:
+    Examples:
+        >>> from sparse3d import SparseTensor
+        >>> x = SparseTensor(torch.tensor([[0, 1, 1, 1], [0, 1, 1, 2]]), torch.randn(2, 16))
         >>> conv = SparseConv3d(16, 32, kernel_size=3)
-        >>> y = conv(x)  # x: SparseTensor with feats [N, 16] -> y.feats [N, 32]
+        >>> conv(x).feats.shape  # submanifold: same voxels, 32 channels
+        torch.Size([2, 32])
     """
 
     def __init__(

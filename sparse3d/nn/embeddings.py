@@ -139,7 +139,7 @@ class MARoPE(RotaryEmbedding):
             ``grid_shape[plane_axis]``: one past the last).
         fit_to_grid: Stretch the patch grid onto the voxel grid (else raw patch indices).
 
-    Example:
+    Examples:
         >>> rope = MARoPE(axes_dims=(4, 6, 6))
         >>> coords = torch.tensor([[0, 0, 0, 0], [0, 3, 1, 2]])
         >>> (image_cos, image_sin), (voxel_cos, voxel_sin) = rope(

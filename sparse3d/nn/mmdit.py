@@ -225,7 +225,7 @@ class DoubleStreamBlock(nn.Module):
     """FLUX/MMDiT double-stream block: separate weights per modality, one joint attention.
 
     Per sample, attention runs over that sample's context tokens followed by its latent tokens (FLUX's
-    ``cat([context, x])`` order), with no padding across samples. Each stream ``s`` computes::
+    ``cat([context, x])`` order), with no padding across samples. Each stream ``s`` computes:
 
         shift1, scale1, gate1, shift2, scale2, gate2 = modulation_s(vec)      # 6 x [B, D]
         q, k, v = qkv_s(LN(x_s) * (1 + scale1) + shift1)                       # [T_s, H, D/H] each
@@ -358,7 +358,7 @@ class DoubleStreamBlock(nn.Module):
 class SingleStreamBlock(nn.Module):
     """FLUX/MMDiT single-stream block: shared weights, parallel attention and MLP, one gate.
 
-    Both modalities go through the same layers; attention is joint per sample (context first)::
+    Both modalities go through the same layers; attention is joint per sample (context first):
 
         shift, scale, gate = modulation(vec)                                   # 3 x [B, D]
         h = LN(x) * (1 + scale) + shift
