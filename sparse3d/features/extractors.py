@@ -108,13 +108,13 @@ def _import_diffusers() -> Any:
     return diffusers
 
 
-def _import_transformers() -> Any:
+def _import_transformers(user: str = "DINOv2Features needs", extra: str = "diffusion") -> Any:
+    """Imports transformers lazily; ``user`` names what needs it in the error message."""
     try:
         import transformers
     except ImportError as error:  # pragma: no cover - depends on the environment
         raise ImportError(
-            "DINOv2Features needs transformers: pip install 'sparse3d[diffusion]' "
-            "(or pip install transformers)"
+            f"{user} transformers: pip install 'sparse3d[{extra}]' (or pip install transformers)"
         ) from error
     return transformers
 
@@ -157,6 +157,29 @@ _DINO_LAYOUT = (
     "holding the transformers files `config.json` and `model.safetensors` of a Dinov2Model or "
     "Dinov2WithRegistersModel (e.g. a checkout of facebook/dinov2-large)"
 )
+
+
+def _load_dinov2(
+    weights: str | os.PathLike[str],
+    *,
+    dtype: torch.dtype,
+    layout: str = _DINO_LAYOUT,
+    user: str = "DINOv2Features needs",
+    extra: str = "diffusion",
+) -> nn.Module:
+    """A transformers DINOv2 model from a local folder or the local cache; never from the network.
+
+    Shared by [`DINOv2Features`][sparse3d.features.extractors.DINOv2Features] and the metrics'
+    DINOv2 embedding; ``layout``, ``user`` and ``extra`` only word the error messages.
+    """
+    transformers = _import_transformers(user, extra)
+    location, _ = _resolve_local(weights, None, "DINOv2", layout)
+    try:
+        return transformers.AutoModel.from_pretrained(location, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError) as error:
+        raise FileNotFoundError(
+            _missing_message(weights, None, "DINOv2", layout, type(error).__name__)
+        ) from error
 
 
 class _VAEFeatures(nn.Module):
@@ -352,15 +375,7 @@ class DINOv2Features(nn.Module):
         Raises:
             FileNotFoundError: No weights there; the message says which layout and argument to use.
         """
-        transformers = _import_transformers()
-        location, _ = _resolve_local(weights, None, "DINOv2", _DINO_LAYOUT)
-        try:
-            model = transformers.AutoModel.from_pretrained(location, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as error:
-            raise FileNotFoundError(
-                _missing_message(weights, None, "DINOv2", _DINO_LAYOUT, type(error).__name__)
-            ) from error
-        return cls(model, **kwargs)
+        return cls(_load_dinov2(weights, dtype=dtype), **kwargs)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> FeatureMaps:

@@ -15,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparse3d.features.extractors import _missing_message, _resolve_local, check_images
+from sparse3d.features.extractors import (
+    _IMAGENET_MEAN,
+    _IMAGENET_STD,
+    _import_transformers,
+    _load_dinov2,
+    _missing_message,
+    _resolve_local,
+    check_images,
+)
 
 __all__ = [
     "CLIPImageEmbedding",
@@ -24,8 +32,6 @@ __all__ = [
     "clip_score",
 ]
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
 _CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 _CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -33,6 +39,7 @@ _DINO_LAYOUT = (
     "holding the transformers files `config.json` and `model.safetensors` of a Dinov2Model "
     "(dgm-eval uses ViT-L/14 without registers: a checkout of facebook/dinov2-large)"
 )
+_TRANSFORMERS_USER = "DINOv2Embedding and CLIPImageEmbedding need"
 _CLIP_LAYOUT = (
     "holding the transformers files `config.json` and `model.safetensors` of a CLIPModel or "
     "CLIPVisionModelWithProjection (e.g. a checkout of openai/clip-vit-large-patch14)"
@@ -49,16 +56,6 @@ class ImageEmbedding(Protocol):
     def __call__(self, images: torch.Tensor) -> torch.Tensor:  # pragma: no cover - protocol
         """Embeds ``images [B, 3, H, W]`` in ``[0, 1]`` to ``[B, D]``."""
         ...
-
-
-def _import_transformers() -> Any:
-    try:
-        import transformers
-    except ImportError as error:  # pragma: no cover - depends on the environment
-        raise ImportError(
-            "DINOv2Embedding and CLIPImageEmbedding need transformers: pip install 'sparse3d[diffusion]'"
-        ) from error
-    return transformers
 
 
 def _check_batch_size(batch_size: int | None) -> None:
@@ -116,14 +113,9 @@ class DINOv2Embedding(nn.Module):
         Raises:
             FileNotFoundError: No weights there; the message says which folder to provide.
         """
-        transformers = _import_transformers()
-        location, _ = _resolve_local(weights, None, "DINOv2", _DINO_LAYOUT)
-        try:
-            model = transformers.AutoModel.from_pretrained(location, local_files_only=True, dtype=dtype)
-        except (OSError, ValueError) as error:
-            raise FileNotFoundError(
-                _missing_message(weights, None, "DINOv2", _DINO_LAYOUT, type(error).__name__)
-            ) from error
+        model = _load_dinov2(
+            weights, dtype=dtype, layout=_DINO_LAYOUT, user=_TRANSFORMERS_USER, extra="metrics"
+        )
         return cls(model, **kwargs)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
@@ -246,7 +238,7 @@ class CLIPImageEmbedding(nn.Module):
         Raises:
             FileNotFoundError: No weights there; the message says which folder to provide.
         """
-        transformers = _import_transformers()
+        transformers = _import_transformers(_TRANSFORMERS_USER, "metrics")
         location, _ = _resolve_local(weights, None, "CLIP", _CLIP_LAYOUT)
         try:
             config = transformers.AutoConfig.from_pretrained(location, local_files_only=True)
