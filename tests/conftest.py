@@ -25,3 +25,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory):
+    """The tiny prepared dataset (`tests/tiny_dataset.py`), built once per session. Tests must not modify
+    it in place: copy it first (`shutil.copytree`)."""
+    from tests.tiny_dataset import make_prepared_dataset
+
+    return make_prepared_dataset(tmp_path_factory.mktemp("prepared"))

@@ -12,33 +12,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from recipes.flux3d import evaluate, prepare, train, train_decoder
+from recipes.flux3d import evaluate, train, train_decoder
 from recipes.flux3d.data import list_assets, load_features
-from recipes.flux3d.procedural import generate_dataset
 from sparse3d import SparseTensor
 from sparse3d.gaussians import render
 from sparse3d.geometry import read_transforms
+from tests.tiny_dataset import SIZE, VIEWS, R
 
 transformers = pytest.importorskip("transformers")
 
-SIZE, VIEWS, COND, R = 32, 4, 4, 16
-
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory: pytest.TempPathFactory):
-    """Three procedural assets with rgb features, a 3-step decoder and a perturbed 2-step SMDiT."""
-    root = tmp_path_factory.mktemp("data")
-    generate_dataset(
-        root,
-        3,
-        seed=5,
-        image_size=SIZE,
-        num_views=VIEWS,
-        num_cond_views=COND,
-        voxel_resolution=R,
-        progress=False,
-    )
-    prepare.main(["--root", str(root), "--extractor", "rgb", "--resolution", str(R), "--quiet"])
+def pipeline(prepared, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny prepared dataset, a 3-step decoder and a perturbed 2-step SMDiT."""
+    root = prepared
     decoder_dir = tmp_path_factory.mktemp("decoder")
     train_decoder.main(
         ["--data", str(root), "--steps", "3", "--eval-views", "2", "--out", str(decoder_dir)]

@@ -26,28 +26,8 @@ from recipes.flux3d.conditioning import (
 from recipes.flux3d.configs import toy
 from recipes.flux3d.data import AssetDataset, list_assets, load_features, load_views
 from recipes.flux3d.model import SMDiT
-from recipes.flux3d.procedural import generate_dataset
 from sparse3d import SparseTensor
-
-SIZE, VIEWS, COND, R = 32, 4, 4, 16
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory):
-    """Three procedural assets (32 px, 4 views, 4 condition views, R = 16) with rgb features."""
-    root = tmp_path_factory.mktemp("data")
-    generate_dataset(
-        root,
-        3,
-        seed=5,
-        image_size=SIZE,
-        num_views=VIEWS,
-        num_cond_views=COND,
-        voxel_resolution=R,
-        progress=False,
-    )
-    prepare.main(["--root", str(root), "--extractor", "rgb", "--resolution", str(R), "--quiet"])
-    return root
+from tests.tiny_dataset import SIZE, R
 
 
 @pytest.fixture
