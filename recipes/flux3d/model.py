@@ -7,6 +7,7 @@ a virtual plane outside the volume), and run through double-stream then single-s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from sparse3d.nn import (
     MMDiTBlockConfig,
     SingleStreamBlock,
     TimestepEmbedding,
+    TokenStream,
 )
 
 __all__ = ["SMDiTConfig", "SMDiT"]
@@ -87,46 +89,65 @@ class SMDiT(nn.Module):
         self.single_blocks = nn.ModuleList(SingleStreamBlock(block) for _ in range(config.num_single_blocks))
         self.final = FinalLayer(config.dim, voxel_width)
 
-    def forward(self, x_t: SparseTensor, t: torch.Tensor, image: torch.Tensor) -> SparseTensor:
+    def forward(
+        self, x_t: SparseTensor, t: torch.Tensor, image: torch.Tensor | Sequence[torch.Tensor]
+    ) -> SparseTensor:
         """Predicts the velocity.
 
         Args:
             x_t: Noisy voxel latents, feats ``[N, C]``.
             t: Times ``[B]`` in ``[0, 1]`` (0 = data, 1 = noise).
-            image: Condition-image latents ``[B, C_img, h, w]`` with ``h, w`` divisible by ``image_patch``.
+            image: Condition-image latents ``[B, C_img, h, w]``, or one ``[C_img, h_b, w_b]`` per sample
+                (condition images of different sizes), with heights and widths divisible by
+                ``image_patch``.
 
         Returns:
             Velocity on ``x_t``'s layout, feats ``[N, C]``.
         """
         cfg = self.config
-        batch, _, height, width = image.shape
-        if batch != x_t.batch_size:
-            raise ValueError(f"image: expected batch size {x_t.batch_size} (that of x_t), got {batch}")
+        batch = x_t.batch_size
+        if isinstance(image, torch.Tensor):
+            if image.dim() != 4 or image.shape[0] != batch:
+                raise ValueError(
+                    f"image: expected [B, C_img, h, w] with batch size B = {batch} (that of x_t), got "
+                    f"{list(image.shape)}"
+                )
+            groups = [image]  # one group of B images of one size
+        else:
+            groups = [one[None] for one in image]  # B groups of one image each: [1, C_img, h_b, w_b]
+            if len(groups) != batch or any(group.dim() != 4 for group in groups):
+                shapes = [list(one.shape) for one in image]
+                raise ValueError(
+                    f"image: expected {batch} tensors [C_img, h_b, w_b] (one per sample of x_t), got {shapes}"
+                )
         p = cfg.image_patch
-        if height % p or width % p:
-            raise ValueError(f"image: expected height and width divisible by {p}, got {height} x {width}")
+        # Image tokens: p x p patches, row-major, sample after sample.
+        patch_rows, patch_grids = [], []
+        for group in groups:
+            count, _, height, width = group.shape
+            if height % p or width % p:
+                raise ValueError(f"image: expected height and width divisible by {p}, got {height} x {width}")
+            h, w = height // p, width // p
+            patches = group.reshape(count, -1, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # [n, h, w, p, p, C]
+            patch_rows.append(patches.reshape(count * h * w, -1))  # [n h w, p p C]
+            patch_grids += [(h, w)] * count
+        context = self.context_in(torch.cat(patch_rows))  # [sum_b h_b w_b, D]
         # Voxel tokens: one per occupied f^3 block.
         voxels, _ = F.patchify(x_t, cfg.voxel_patch)  # feats [M, f^3 C]
         latent = self.latent_in(voxels.feats)  # [M, D]
-        # Image tokens: p x p patches, row-major, sample after sample.
-        h, w = height // p, width // p
-        patches = image.reshape(batch, -1, h, p, w, p).permute(0, 2, 4, 3, 5, 1)  # [B, h, w, p, p, C]
-        context = self.context_in(patches.reshape(batch * h * w, -1))  # [B h w, D]
-        context_offsets = torch.arange(batch + 1, device=image.device, dtype=torch.int32) * (h * w)
         vec = self.time_embed(t)  # [B, D]
-        context_rope, latent_rope = self.rope(
-            voxels.coords, image_shape=(h, w), grid_shape=voxels.spatial_shape, batch_size=batch
+        image_rope, voxel_rope = self.rope(
+            voxels.coords,
+            image_shape=patch_grids,
+            grid_shape=voxels.spatial_shape,
+            dtype=torch.promote_types(latent.dtype, torch.float32),
         )
-        max_seqlen = (h * w, int(voxels.counts.max()))  # per-stream maxima: the one host sync of the forward
+        image_stream = TokenStream.from_lengths(context, [h * w for h, w in patch_grids], image_rope)
+        # The longest voxel sample is the one host sync of the forward; the blocks then trust the offsets.
+        voxel_stream = TokenStream(latent, voxels.offsets, voxel_rope, int(voxels.counts.max()))
         for block in self.double_blocks:
-            context, latent = block(
-                context, context_offsets, latent, voxels.offsets, vec, context_rope, latent_rope,
-                max_seqlen=max_seqlen,
-            )  # fmt: skip
+            image_stream, voxel_stream = block(image_stream, voxel_stream, vec)
         for block in self.single_blocks:
-            context, latent = block(
-                context, context_offsets, latent, voxels.offsets, vec, context_rope, latent_rope,
-                max_seqlen=max_seqlen,
-            )  # fmt: skip
-        out = self.final(latent, voxels.offsets, vec)  # [M, f^3 C]
+            image_stream, voxel_stream = block(image_stream, voxel_stream, vec)
+        out = self.final(voxel_stream.feats, voxel_stream.offsets, vec)  # [M, f^3 C]
         return F.unpatchify(voxels.replace(out), x_t)  # [N, C] on x_t's layout

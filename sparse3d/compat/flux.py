@@ -1,5 +1,11 @@
 """Load diffusers FLUX weights (``FluxTransformerBlock``, ``FluxSingleTransformerBlock``, the final norm and
-the time embedder) into sparse3d's MMDiT modules. Needs only state dicts; diffusers is not imported."""
+the time embedder) into sparse3d's MMDiT modules. Needs only state dicts; diffusers is not imported.
+
+Stream mapping: diffusers' ``encoder_hidden_states`` (FLUX's text / context stream, first in the joint
+sequence) is our ``image`` stream of condition-image tokens, and its ``hidden_states`` (FLUX's image latents)
+our ``voxels`` stream. So ``theirs(hidden_states=h, encoder_hidden_states=e, temb=temb, ...)`` returns
+``(e', h')`` where ``ours(image=<e>, voxels=<h>, vec=temb)`` returns ``(image', voxels')``: the same order.
+"""
 
 from __future__ import annotations
 
@@ -55,9 +61,10 @@ def flux_double_block_state_dict(state_dict: StateDict, *, prefix: str = "") -> 
     """Converts a diffusers ``FluxTransformerBlock`` state dict to a
     [`DoubleStreamBlock`][sparse3d.nn.mmdit.DoubleStreamBlock] state dict.
 
-    diffusers' ``hidden_states`` stream (the image) becomes our ``latent`` stream and its
-    ``encoder_hidden_states`` stream (the text) our ``context`` stream; separate q, k, v projections
-    are concatenated into one ``[3 D, D]`` projection (q, k, v order). The modulation chunk order
+    diffusers' ``hidden_states`` stream (FLUX's image latents) becomes our ``voxels`` stream (``voxel_*``
+    weights) and its ``encoder_hidden_states`` stream (FLUX's text / context) our ``image`` stream of
+    condition-image tokens (``image_*`` weights); separate q, k, v projections are concatenated into one
+    ``[3 D, D]`` projection (q, k, v order). The modulation chunk order
     ``(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)`` is the same in both.
 
     Args:
@@ -72,12 +79,12 @@ def flux_double_block_state_dict(state_dict: StateDict, *, prefix: str = "") -> 
     """
     source = _take(state_dict, prefix, _double_keys(), "FluxTransformerBlock")
     out: dict[str, torch.Tensor] = {}
-    for ours, theirs in (("context", "norm1_context"), ("latent", "norm1")):
+    for ours, theirs in (("image", "norm1_context"), ("voxel", "norm1")):
         for param in ("weight", "bias"):
             out[f"{ours}_modulation.linear.{param}"] = source[f"{theirs}.linear.{param}"]
     streams = {
-        "latent": ("to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k", "ff"),
-        "context": (
+        "voxel": ("to_q", "to_k", "to_v", "to_out.0", "norm_q", "norm_k", "ff"),
+        "image": (
             "add_q_proj",
             "add_k_proj",
             "add_v_proj",
@@ -206,8 +213,11 @@ def _load(module: nn.Module, converted: dict[str, torch.Tensor]) -> None:
 def load_flux_double_block(block: DoubleStreamBlock, state_dict: StateDict, *, prefix: str = "") -> None:
     """Loads a diffusers ``FluxTransformerBlock`` state dict into ``block`` in place.
 
-    Call the block as ``block(context=encoder_hidden_states, latent=hidden_states, ...)`` with the RoPE
-    tables of the concatenated ids split at the context length to reproduce diffusers' outputs.
+    Call the block as ``block(image, voxels, temb)`` with ``image`` a
+    [`TokenStream`][sparse3d.nn.tokens.TokenStream] of diffusers' ``encoder_hidden_states`` and ``voxels``
+    one of its ``hidden_states``, each with its rows of the RoPE tables of the concatenated ids
+    (``encoder_hidden_states`` first), to reproduce diffusers' outputs ``(encoder_hidden_states,
+    hidden_states)`` as ``(image.feats, voxels.feats)``.
 
     Args:
         block: Target block (same ``dim``, ``num_heads``, ``mlp_ratio=4``).
@@ -224,6 +234,9 @@ def load_flux_double_block(block: DoubleStreamBlock, state_dict: StateDict, *, p
 
 def load_flux_single_block(block: SingleStreamBlock, state_dict: StateDict, *, prefix: str = "") -> None:
     """Loads a diffusers ``FluxSingleTransformerBlock`` state dict into ``block`` in place.
+
+    As for [`load_flux_double_block`][sparse3d.compat.flux.load_flux_double_block], diffusers'
+    ``encoder_hidden_states`` is our ``image`` stream and its ``hidden_states`` our ``voxels`` stream.
 
     Args:
         block: Target block (same ``dim``, ``num_heads``, ``mlp_ratio``).

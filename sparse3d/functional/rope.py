@@ -10,6 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sparse3d.functional.norm import _compute_dtype
+
 __all__ = [
     "apply_rope",
     "check_rope_tables",
@@ -41,8 +43,10 @@ def _wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-def _check_ids(ids: torch.Tensor, num_axes: int | None, name: str = "ids") -> torch.Tensor:
-    """Validates an id table ``[T, n_axes]`` and returns it as float32."""
+def _check_ids(
+    ids: torch.Tensor, num_axes: int | None, name: str = "ids", dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Validates an id table ``[T, n_axes]`` and returns it as ``dtype`` (float32 by default)."""
     if not isinstance(ids, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor [T, n_axes], got {type(ids).__name__}")
     if ids.dtype == torch.bool or ids.dtype.is_complex:
@@ -50,7 +54,7 @@ def _check_ids(ids: torch.Tensor, num_axes: int | None, name: str = "ids") -> to
     if ids.dim() != 2 or (num_axes is not None and ids.shape[1] != num_axes):
         expected = f"[T, {num_axes}]" if num_axes is not None else "[T, n_axes]"
         raise ValueError(f"{name}: expected shape {expected}, got {list(ids.shape)}")
-    return ids.float()
+    return ids.to(dtype)
 
 
 def rope_frequencies(
@@ -59,6 +63,7 @@ def rope_frequencies(
     *,
     theta: float = 10000.0,
     head_dim: int | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cosine and sine tables of axial RoPE for float token ids.
 
@@ -66,24 +71,29 @@ def rope_frequencies(
     ``ids[:, i] * theta ** (-2k / axes_dims[i])``. Each angle is repeated for the two channels of its
     pair (interleaved layout), exactly as FLUX / diffusers' ``FluxPosEmbed``: ids are rounded to
     float32, the angles and their cosines are evaluated in float64 (float32 on devices without float64,
-    such as MPS) and the tables are returned in float32.
+    such as MPS) and the tables are returned in float32. With ``dtype=torch.float64`` the ids keep
+    float64 and the tables are returned unrounded, for float64 models.
 
     Args:
-        ids: Token positions ``[T, n_axes]``, any real dtype (converted to float32). Negative and
-            fractional positions are allowed.
+        ids: Token positions ``[T, n_axes]``, any real dtype (converted to float32, or to float64 when
+            ``dtype`` is float64). Negative and fractional positions are allowed.
         axes_dims: Channels per axis, ``n_axes`` positive even integers.
         theta: Base of the geometric frequency ladder.
         head_dim: If given, ``sum(axes_dims)`` must equal it.
+        dtype: Floating dtype of the tables (float32 by default, FLUX's).
 
     Returns:
-        ``(cos, sin)``, each float32 ``[T, sum(axes_dims)]`` on the device of ``ids``.
+        ``(cos, sin)``, each ``[T, sum(axes_dims)]`` of ``dtype`` on the device of ``ids``.
 
     Raises:
         ValueError: ``axes_dims`` are not positive even integers, do not sum to ``head_dim``, or
             their count differs from ``ids.shape[1]``.
+        TypeError: ``dtype`` is not a floating dtype.
     """
     dims = _check_axes_dims(axes_dims, head_dim)
-    positions = _check_ids(ids, len(dims))
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"dtype: expected a floating torch.dtype, got {dtype}")
+    positions = _check_ids(ids, len(dims), dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     if not theta > 0:
         raise ValueError(f"theta: expected a positive number, got {theta}")
     wide = _wide_dtype(positions.device)
@@ -92,8 +102,8 @@ def rope_frequencies(
         exponents = torch.arange(0, width, 2, dtype=wide, device=positions.device) / width  # [width/2]
         frequencies = 1.0 / (theta**exponents)  # [width/2]
         angles = positions[:, axis].to(wide)[:, None] * frequencies[None, :]  # [T, width/2]
-        cos_parts.append(angles.cos().float().repeat_interleave(2, dim=1))  # [T, width]
-        sin_parts.append(angles.sin().float().repeat_interleave(2, dim=1))  # [T, width]
+        cos_parts.append(angles.cos().to(dtype).repeat_interleave(2, dim=1))  # [T, width]
+        sin_parts.append(angles.sin().to(dtype).repeat_interleave(2, dim=1))  # [T, width]
     return torch.cat(cos_parts, dim=1), torch.cat(sin_parts, dim=1)
 
 
@@ -126,11 +136,13 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Rotates interleaved channel pairs of ``x`` by the angles in ``(cos, sin)``.
 
     For each pair ``(a, b) = (x[..., 2k], x[..., 2k+1])`` the output is
-    ``(a cos - b sin, a sin + b cos)``. Computed in float32; the result has the dtype of ``x``.
+    ``(a cos - b sin, a sin + b cos)``. Computed in the wider of ``x``'s dtype and float32 (float32 for
+    bf16/fp16, float64 for float64); the result has the dtype of ``x``.
 
     Args:
         x: Queries or keys ``[T, H, D]``.
-        cos: Cosine table ``[T, D]`` from [`rope_frequencies`][sparse3d.functional.rope.rope_frequencies].
+        cos: Cosine table ``[T, D]`` from [`rope_frequencies`][sparse3d.functional.rope.rope_frequencies]
+            (any floating dtype; cast to the compute dtype).
         sin: Sine table ``[T, D]``.
 
     Returns:
@@ -142,10 +154,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if x.dim() != 3 or x.shape[-1] % 2:
         raise ValueError(f"x: expected shape [T, H, D] with even D, got {list(x.shape)}")
     check_rope_tables((cos, sin), x.shape[0], x.shape[-1], name="(cos, sin)")
-    x32 = x.float()
-    pairs = x32.unflatten(-1, (-1, 2))  # [T, H, D/2, 2]
+    compute = _compute_dtype(x.dtype)
+    wide = x.to(compute)
+    pairs = wide.unflatten(-1, (-1, 2))  # [T, H, D/2, 2]
     rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)  # [T, H, D]
-    out = x32 * cos.float()[:, None, :] + rotated * sin.float()[:, None, :]  # [T, H, D]
+    out = wide * cos.to(compute)[:, None, :] + rotated * sin.to(compute)[:, None, :]  # [T, H, D]
     return out.to(x.dtype)
 
 

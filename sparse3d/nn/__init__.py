@@ -18,6 +18,7 @@ from sparse3d.nn.pooling import (
     SparseUnpatchify,
     SparseUpsample,
 )
+from sparse3d.nn.tokens import TokenStream
 
 __all__ = [
     "AdaLNModulation",
@@ -40,4 +41,5 @@ __all__ = [
     "SparseSubdivide",
     "SparseUnpatchify",
     "SparseUpsample",
+    "TokenStream",
 ]

@@ -14,6 +14,7 @@ from sparse3d.functional.attention import (
     window_partition,
     windowed_attention,
 )
+from sparse3d.functional.norm import _compute_dtype
 from sparse3d.tensor import SparseTensor
 
 __all__ = ["RopeHook", "SparseCrossAttention", "SparseSelfAttention"]
@@ -23,9 +24,11 @@ RopeHook = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tens
 
 
 def _head_rms_norm(tokens: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-    """RMS norm over the head dim, computed in float32, returned in the input dtype."""
-    weight = None if norm.weight is None else norm.weight.float()
-    return F.rms_norm(tokens.float(), norm.normalized_shape, weight, norm.eps).to(tokens.dtype)
+    """RMS norm over the head dim, computed in the wider of the input's dtype and float32, returned in the
+    input dtype."""
+    compute = _compute_dtype(tokens.dtype)
+    weight = None if norm.weight is None else norm.weight.to(compute)
+    return F.rms_norm(tokens.to(compute), norm.normalized_shape, weight, norm.eps).to(tokens.dtype)
 
 
 def _max_length(x: SparseTensor) -> int:
@@ -45,7 +48,7 @@ class SparseSelfAttention(nn.Module):
     Args:
         dim: Feature width ``C`` (``= H * D``).
         num_heads: Number of heads ``H``.
-        qk_norm: RMS-normalise queries and keys per head (learnable ``[D]`` scale, float32 math).
+        qk_norm: RMS-normalise queries and keys per head (learnable ``[D]`` scale, float32 or wider math).
         window: Window size (int or 3 ints) for windowed attention; ``None`` for full attention.
         shift: Shift the windows by half a window (odd swin blocks).
         qkv_bias: Bias in the qkv projection.

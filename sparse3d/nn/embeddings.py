@@ -9,11 +9,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from sparse3d.functional.norm import _compute_dtype
 from sparse3d.functional.rope import _check_axes_dims, marope_image_ids, rope_frequencies
+from sparse3d.nn.tokens import RopeTables
 
-__all__ = ["MARoPE", "RotaryEmbedding", "TimestepEmbedding", "timestep_features"]
-
-RopeTables = tuple[torch.Tensor, torch.Tensor]
+__all__ = [
+    "ImageShapes",
+    "MARoPE",
+    "RotaryEmbedding",
+    "TimestepEmbedding",
+    "timestep_features",
+]
 
 
 def timestep_features(
@@ -26,7 +32,8 @@ def timestep_features(
     """Sinusoidal features of (fractional) timesteps, FLUX / diffusers convention.
 
     ``angles[b, k] = timesteps[b] * time_scale * max_period ** (-k / (num_features / 2))`` and the
-    features are ``[cos(angles), sin(angles)]`` (cosines first), computed in float32. With the
+    features are ``[cos(angles), sin(angles)]`` (cosines first), computed in float32 (float64 for float64
+    timesteps). With the
     defaults this equals diffusers' ``Timesteps(256, flip_sin_to_cos=True, downscale_freq_shift=0)``
     applied to ``1000 * t``, which FLUX uses for ``t`` in ``[0, 1]``.
 
@@ -37,7 +44,7 @@ def timestep_features(
         time_scale: Factor applied to ``timesteps`` first (1000 maps ``[0, 1]`` to FLUX's range).
 
     Returns:
-        Float32 features ``[B, F]``.
+        Features ``[B, F]``, float32 (float64 for float64 timesteps).
 
     Raises:
         ValueError: ``timesteps`` is not 1-D or ``num_features`` is not a positive even number.
@@ -47,10 +54,9 @@ def timestep_features(
     if num_features <= 0 or num_features % 2:
         raise ValueError(f"num_features: expected a positive even number, got {num_features}")
     half = num_features // 2
-    exponents = (
-        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half
-    )
-    angles = (timesteps.float() * time_scale)[:, None] * torch.exp(exponents)[None, :]  # [B, F/2]
+    compute = _compute_dtype(timesteps.dtype)
+    exponents = -math.log(max_period) * torch.arange(half, dtype=compute, device=timesteps.device) / half
+    angles = (timesteps.to(compute) * time_scale)[:, None] * torch.exp(exponents)[None, :]  # [B, F/2]
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1)  # [B, F]
 
 
@@ -86,6 +92,79 @@ class TimestepEmbedding(nn.Module):
         return self.linear_out(hidden)  # [B, D]
 
 
+ImageShapes = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
+"""One patch grid ``(h, w)`` for all samples, or one per sample (``B`` pairs or an int tensor ``[B, 2]``)."""
+
+
+def _image_shapes(image_shape: ImageShapes, batch_size: int | None = None) -> list[tuple[int, int]]:
+    """One ``(h, w)`` per sample, from one shared shape or from per-sample shapes.
+
+    Args:
+        image_shape: ``(h, w)`` shared by all samples, ``B`` pairs ``(h_b, w_b)``, or an integer tensor
+            ``[2]`` or ``[B, 2]`` (read on the host).
+        batch_size: ``B``: required with a shared shape; with per-sample shapes ``None`` or their count.
+
+    Returns:
+        ``B`` pairs of non-negative ints.
+
+    Raises:
+        TypeError: ``image_shape`` is a floating, complex or bool tensor.
+        ValueError: ``image_shape`` is neither one pair nor ``B`` pairs of non-negative ints, or
+            ``batch_size`` is missing or disagrees.
+
+    Examples:
+        >>> _image_shapes((2, 3), batch_size=2)
+        [(2, 3), (2, 3)]
+        >>> _image_shapes(torch.tensor([[2, 3], [4, 1]]))
+        [(2, 3), (4, 1)]
+    """
+    expected = "(h, w), a sequence of B pairs (h_b, w_b) or an integer tensor [B, 2]"
+    if isinstance(image_shape, torch.Tensor):
+        if (
+            image_shape.dtype.is_floating_point
+            or image_shape.dtype.is_complex
+            or image_shape.dtype == torch.bool
+        ):
+            raise TypeError(f"image_shape: expected an integer tensor, got {image_shape.dtype}")
+        if image_shape.shape == (2,):
+            shared, values = True, [tuple(image_shape.tolist())]
+        elif image_shape.dim() == 2 and image_shape.shape[1] == 2:
+            shared, values = False, [tuple(pair) for pair in image_shape.tolist()]
+        else:
+            raise ValueError(
+                f"image_shape: expected {expected}, got a tensor of shape {list(image_shape.shape)}"
+            )
+    else:
+        items = list(image_shape)
+        nested = [isinstance(item, (Sequence, torch.Tensor)) and not isinstance(item, str) for item in items]
+        if len(items) == 2 and not any(nested):
+            shared, values = True, [tuple(items)]
+        elif items and all(nested) and all(len(item) == 2 for item in items):
+            shared, values = False, [tuple(item) for item in items]
+        else:
+            raise ValueError(f"image_shape: expected {expected}, got {image_shape!r}")
+    pairs = []
+    for pair in values:
+        try:
+            height, width = (int(n) for n in pair)
+        except (TypeError, ValueError):
+            raise ValueError(f"image_shape: expected integer sizes, got {pair!r}") from None
+        if height < 0 or width < 0 or (height, width) != tuple(pair):
+            raise ValueError(f"image_shape: expected non-negative integer sizes (h, w), got {pair!r}")
+        pairs.append((height, width))
+    if shared:
+        if batch_size is None:
+            raise ValueError("batch_size: expected an int >= 1 with one shared image_shape (h, w), got None")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        return pairs * batch_size
+    if batch_size is not None and batch_size != len(pairs):
+        raise ValueError(
+            f"batch_size: expected the number of per-sample image shapes, {len(pairs)}, got {batch_size}"
+        )
+    return pairs
+
+
 class RotaryEmbedding(nn.Module):
     """Axial RoPE tables for float ids over any number of axes (no parameters).
 
@@ -104,16 +183,17 @@ class RotaryEmbedding(nn.Module):
         """Head dimension these tables rotate: ``sum(axes_dims)``."""
         return sum(self.axes_dims)
 
-    def forward(self, ids: torch.Tensor) -> RopeTables:
+    def forward(self, ids: torch.Tensor, *, dtype: torch.dtype = torch.float32) -> RopeTables:
         """Computes ``(cos, sin)`` tables.
 
         Args:
             ids: Token positions ``[T, n_axes]`` with ``n_axes == len(axes_dims)``.
+            dtype: Dtype of the tables (float32, or float64 for a float64 model).
 
         Returns:
-            ``(cos, sin)``, each float32 ``[T, head_dim]``.
+            ``(cos, sin)``, each ``[T, head_dim]`` of ``dtype``.
         """
-        return rope_frequencies(ids, self.axes_dims, theta=self.theta)
+        return rope_frequencies(ids, self.axes_dims, theta=self.theta, dtype=dtype)
 
     def extra_repr(self) -> str:
         return f"axes_dims={list(self.axes_dims)}, theta={self.theta}"
@@ -183,56 +263,81 @@ class MARoPE(RotaryEmbedding):
 
     def image_ids(
         self,
-        image_shape: Sequence[int],
+        image_shape: ImageShapes,
         grid_shape: Sequence[int],
         *,
-        batch_size: int = 1,
+        batch_size: int | None = 1,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
-        """Ids of the image patch tokens of ``batch_size`` samples, each one ``h x w`` image.
+        """Ids of the image patch tokens of a batch: one ``h x w`` shape for all, or one per sample.
 
         Args:
-            image_shape: Patch grid ``(h, w)``, tokens in row-major order.
+            image_shape: Patch grid ``(h, w)`` of every sample's image, or one per sample: a sequence of
+                ``B`` pairs ``(h_b, w_b)`` or an integer tensor ``[B, 2]`` (read on the host). Tokens are
+                row-major within each image, images in sample order.
             grid_shape: Voxel grid extent ``(X, Y, Z)`` in voxel-id units.
-            batch_size: Number of samples ``B`` (packed sample-major).
+            batch_size: Number of samples ``B``: required with one shared ``(h, w)``; with per-sample shapes
+                ``None`` or their count.
             device: Device of the result.
 
         Returns:
-            Float32 ids ``[B * h * w, 3]``.
+            Float32 ids ``[sum_b h_b * w_b, 3]`` (``[B * h * w, 3]`` for one shared shape).
+
+        Raises:
+            TypeError: ``image_shape`` is a floating or bool tensor.
+            ValueError: ``image_shape`` is neither one pair nor ``B`` pairs, or ``batch_size`` disagrees.
         """
-        one = marope_image_ids(
-            image_shape,
-            grid_shape,
-            plane_axis=self.plane_axis,
-            plane_position=self.plane_position,
-            fit_to_grid=self.fit_to_grid,
-            device=device,
-        )  # [h*w, 3]
-        return one.repeat(batch_size, 1)  # [B*h*w, 3]
+        per_sample = _image_shapes(image_shape, batch_size)
+        tables: dict[tuple[int, int], torch.Tensor] = {}
+        for shape in per_sample:
+            if shape not in tables:
+                tables[shape] = marope_image_ids(
+                    shape,
+                    grid_shape,
+                    plane_axis=self.plane_axis,
+                    plane_position=self.plane_position,
+                    fit_to_grid=self.fit_to_grid,
+                    device=device,
+                )  # [h*w, 3]
+        if len(tables) == 1:  # one shape for all samples (the common case): a single repeat
+            (one,) = tables.values()
+            return one.repeat(len(per_sample), 1)  # [B*h*w, 3]
+        return torch.cat([tables[shape] for shape in per_sample])  # [sum_b h_b*w_b, 3]
 
     def forward(  # type: ignore[override]
         self,
         voxel_coords: torch.Tensor,
         *,
-        image_shape: Sequence[int],
+        image_shape: ImageShapes,
         grid_shape: Sequence[int],
-        batch_size: int,
+        batch_size: int | None = None,
+        dtype: torch.dtype = torch.float32,
     ) -> tuple[RopeTables, RopeTables]:
         """RoPE tables for a packed batch of (image tokens, voxel tokens).
 
         Args:
             voxel_coords: Voxel coordinates ``[N, 4]`` (b, x, y, z) in token order.
-            image_shape: Patch grid ``(h, w)`` of every sample's image.
+            image_shape: Patch grid ``(h, w)`` of every sample's image, or one per sample (ragged
+                condition images): a sequence of ``B`` pairs ``(h_b, w_b)`` or an integer tensor ``[B, 2]``
+                (read on the host: one sync if it lives on a GPU).
             grid_shape: Voxel grid extent ``(X, Y, Z)``.
-            batch_size: Number of samples ``B``.
+            batch_size: Number of samples ``B``: required with one shared ``(h, w)``; with per-sample shapes
+                optional (checked against their count).
+            dtype: Dtype of the tables (float32, or float64 for a float64 model).
 
         Returns:
-            ``((image_cos, image_sin), (voxel_cos, voxel_sin))``: float32 ``[B * h * w, head_dim]`` and
-            ``[N, head_dim]``.
+            ``((image_cos, image_sin), (voxel_cos, voxel_sin))``: ``[sum_b h_b * w_b, head_dim]`` (image
+            tokens of sample 0, then sample 1, ...) and ``[N, head_dim]``, of ``dtype``.
+
+        Raises:
+            TypeError: ``image_shape`` is a floating or bool tensor.
+            ValueError: ``image_shape`` is neither one pair nor ``B`` pairs, or ``batch_size`` disagrees.
         """
         image = self.image_ids(image_shape, grid_shape, batch_size=batch_size, device=voxel_coords.device)
-        image_rope = rope_frequencies(image, self.axes_dims, theta=self.theta)
-        voxel_rope = rope_frequencies(self.voxel_ids(voxel_coords), self.axes_dims, theta=self.theta)
+        image_rope = rope_frequencies(image, self.axes_dims, theta=self.theta, dtype=dtype)
+        voxel_rope = rope_frequencies(
+            self.voxel_ids(voxel_coords), self.axes_dims, theta=self.theta, dtype=dtype
+        )
         return image_rope, voxel_rope
 
     def extra_repr(self) -> str:

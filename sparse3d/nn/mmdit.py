@@ -1,15 +1,24 @@
-"""MMDiT blocks over packed variable-length batches of two modalities (condition tokens, voxel tokens):
-AdaLN-Zero modulation, FLUX-style double-stream and single-stream blocks, and the final AdaLN layer."""
+"""MMDiT blocks over packed variable-length batches of two modalities (condition-image tokens, voxel tokens):
+AdaLN-Zero modulation, FLUX-style double-stream and single-stream blocks, and the final AdaLN layer.
+
+Each modality is a [`TokenStream`][sparse3d.nn.tokens.TokenStream]. The blocks take and return
+``(image, voxels)``: the condition-image tokens are diffusers' ``encoder_hidden_states`` (FLUX's text /
+context stream, first in the joint sequence) and the voxel tokens its ``hidden_states`` (FLUX's image
+latents).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sparse3d.functional.attention import joint_attention
+from sparse3d.functional.norm import _compute_dtype
 from sparse3d.functional.rope import apply_rope, check_rope_tables
+from sparse3d.nn.tokens import TokenStream
 
 __all__ = [
     "AdaLNModulation",
@@ -20,8 +29,6 @@ __all__ = [
     "SingleStreamBlock",
     "batch_index_from_offsets",
 ]
-
-RopeTables = tuple[torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,62 +90,51 @@ def batch_index_from_offsets(offsets: torch.Tensor, num_tokens: int) -> torch.Te
     return torch.repeat_interleave(samples, counts, output_size=num_tokens)  # [T]
 
 
-def _check_inputs(
-    config: MMDiTBlockConfig,
-    context: torch.Tensor,
-    context_offsets: torch.Tensor,
-    latent: torch.Tensor,
-    latent_offsets: torch.Tensor,
-    vec: torch.Tensor,
-    context_rope: RopeTables,
-    latent_rope: RopeTables,
-    max_seqlen: int | tuple[int, int] | None,
-) -> int:
-    """Checks shared by the blocks; returns the longest joint sequence.
+def _check_streams(
+    config: MMDiTBlockConfig, image: TokenStream, voxels: TokenStream, vec: torch.Tensor
+) -> tuple[TokenStream, TokenStream]:
+    """Checks shared by the blocks; returns the two streams with their ``max_length`` known.
 
-    Shapes are checked without a host sync. Unless ``max_seqlen`` is given (then the offsets are trusted),
-    the offsets' values are checked with one host sync, which also yields ``max_seqlen``.
+    Shapes are checked without a host sync. Unless both streams carry ``max_length`` (then their offsets
+    are trusted), the offsets' values are checked with one host sync, which also yields both maxima.
     """
-    for name, tokens in (("context", context), ("latent", latent)):
-        if tokens.dim() != 2 or tokens.shape[1] != config.dim:
-            raise ValueError(f"{name}: expected tokens of shape [T, {config.dim}], got {list(tokens.shape)}")
-    for name, offsets in (("context_offsets", context_offsets), ("latent_offsets", latent_offsets)):
-        if offsets.dim() != 1 or offsets.shape[0] < 2 or offsets.dtype.is_floating_point:
+    for name, stream in (("image", image), ("voxels", voxels)):
+        if not isinstance(stream, TokenStream):
+            raise TypeError(f"{name}: expected a TokenStream, got {type(stream).__name__}")
+        if stream.feats.shape[1] != config.dim:
             raise ValueError(
-                f"{name}: expected integer offsets of shape [B + 1] with B >= 1, "
-                f"got {offsets.dtype} {list(offsets.shape)}"
+                f"{name}: expected feats of shape [T, {config.dim}], got {list(stream.feats.shape)}"
             )
-    if context_offsets.shape[0] != latent_offsets.shape[0]:
+        check_rope_tables(stream.rope, stream.num_tokens, config.head_dim, name=f"{name}.rope")
+    if image.batch_size != voxels.batch_size:
         raise ValueError(
-            f"context_offsets, latent_offsets: expected the same batch size, got "
-            f"{context_offsets.shape[0] - 1} and {latent_offsets.shape[0] - 1}"
+            f"image, voxels: expected the same batch size, got {image.batch_size} and {voxels.batch_size}"
         )
-    batch_size = latent_offsets.shape[0] - 1
-    if vec.dim() != 2 or tuple(vec.shape) != (batch_size, config.dim):
+    batch_size = voxels.batch_size
+    if not isinstance(vec, torch.Tensor) or vec.dim() != 2 or tuple(vec.shape) != (batch_size, config.dim):
+        shape = list(vec.shape) if isinstance(vec, torch.Tensor) else type(vec).__name__
         raise ValueError(
             f"vec: expected one conditioning vector per sample, shape [{batch_size}, {config.dim}], "
-            f"got {list(vec.shape)}"
+            f"got {shape}"
         )
-    check_rope_tables(context_rope, context.shape[0], config.head_dim, name="context_rope")
-    check_rope_tables(latent_rope, latent.shape[0], config.head_dim, name="latent_rope")
-    if max_seqlen is not None:
-        return max_seqlen
-    context_lengths = context_offsets.diff().long()  # [B]
-    latent_lengths = latent_offsets.diff().long()  # [B]
+    if image.max_length is not None and voxels.max_length is not None:
+        return image, voxels
+    image_lengths = image.offsets.diff().long()  # [B]
+    voxel_lengths = voxels.offsets.diff().long()  # [B]
     stats = torch.stack(
         [
-            context_offsets[0].long(),
-            context_offsets[-1].long(),
-            latent_offsets[0].long(),
-            latent_offsets[-1].long(),
-            torch.minimum(context_lengths.min(), latent_lengths.min()),
-            context_lengths.max(),
-            latent_lengths.max(),
+            image.offsets[0].long(),
+            image.offsets[-1].long(),
+            voxels.offsets[0].long(),
+            voxels.offsets[-1].long(),
+            torch.minimum(image_lengths.min(), voxel_lengths.min()),
+            image_lengths.max(),
+            voxel_lengths.max(),
         ]
     ).tolist()  # the one host sync
     for name, first, last, rows in (
-        ("context_offsets", stats[0], stats[1], context.shape[0]),
-        ("latent_offsets", stats[2], stats[3], latent.shape[0]),
+        ("image.offsets", stats[0], stats[1], image.num_tokens),
+        ("voxels.offsets", stats[2], stats[3], voxels.num_tokens),
     ):
         if first != 0 or last != rows:
             raise ValueError(
@@ -146,9 +142,12 @@ def _check_inputs(
             )
     if stats[4] < 0:
         raise ValueError(
-            f"context_offsets, latent_offsets: expected non-decreasing offsets, got a step {stats[4]}"
+            f"image.offsets, voxels.offsets: expected non-decreasing offsets, got a step {stats[4]}"
         )
-    return int(stats[5]), int(stats[6])  # per-modality maxima: joint_attention spots equal lengths
+    return (
+        dataclasses.replace(image, max_length=int(stats[5])),
+        dataclasses.replace(voxels, max_length=int(stats[6])),
+    )
 
 
 def _modulate(
@@ -197,7 +196,8 @@ class AdaLNModulation(nn.Module):
 
 
 class QKRMSNorm(nn.Module):
-    """RMSNorm over the head dimension, with a learned weight, computed in float32.
+    """RMSNorm over the head dimension, with a learned weight, computed in the wider of the input's dtype
+    and float32 (float32 for bf16/fp16, float64 for float64).
 
     Args:
         head_dim: Normalised width ``D``.
@@ -211,9 +211,10 @@ class QKRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalises ``x [..., D]``; the result has the dtype of ``x``."""
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return (normed * self.weight.float()).to(x.dtype)
+        compute = _compute_dtype(x.dtype)
+        wide = x.to(compute)
+        normed = wide * torch.rsqrt(wide.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (normed * self.weight.to(compute)).to(x.dtype)
 
 
 def _mlp(dim: int, hidden_dim: int) -> nn.Sequential:
@@ -224,141 +225,150 @@ def _mlp(dim: int, hidden_dim: int) -> nn.Sequential:
 class DoubleStreamBlock(nn.Module):
     """FLUX/MMDiT double-stream block: separate weights per modality, one joint attention.
 
-    Per sample, attention runs over that sample's context tokens followed by its latent tokens (FLUX's
-    ``cat([context, x])`` order), with no padding across samples. Each stream ``s`` computes:
+    Per sample, attention runs over that sample's image tokens followed by its voxel tokens (FLUX's
+    ``cat([encoder_hidden_states, hidden_states])`` order), with no padding across samples. Each stream
+    ``s`` (``image`` or ``voxel``) computes:
 
-        shift1, scale1, gate1, shift2, scale2, gate2 = modulation_s(vec)      # 6 x [B, D]
-        q, k, v = qkv_s(LN(x_s) * (1 + scale1) + shift1)                       # [T_s, H, D/H] each
-        q, k = RoPE(RMSNorm_q(q)), RoPE(RMSNorm_k(k))
-        a_context, a_latent = joint_attention(...)
-        x_s = x_s + gate1 * attn_out_s(a_s)
-        x_s = x_s + gate2 * mlp_s(LN(x_s) * (1 + scale2) + shift2)
+        shift1, scale1, gate1, shift2, scale2, gate2 = s_modulation(vec)       # 6 x [B, D]
+        q, k, v = s_qkv(LN(x_s) * (1 + scale1) + shift1)                       # [T_s, H, D/H] each
+        q, k = RoPE(s_query_norm(q)), RoPE(s_key_norm(k))
+        a_image, a_voxel = joint_attention(...)
+        x_s = x_s + gate1 * s_attn_out(a_s)
+        x_s = x_s + gate2 * s_mlp(LN(x_s) * (1 + scale2) + shift2)
+
+    The ``image_*`` weights are those diffusers' ``FluxTransformerBlock`` applies to
+    ``encoder_hidden_states`` (``norm1_context``, ``add_q_proj``, ``ff_context``, ...), the ``voxel_*``
+    weights those it applies to ``hidden_states``; see
+    [`load_flux_double_block`][sparse3d.compat.flux.load_flux_double_block].
 
     Args:
         config: Block configuration.
+
+    Examples:
+        >>> from sparse3d.functional.rope import rope_frequencies
+        >>> block = DoubleStreamBlock(MMDiTBlockConfig(dim=32, num_heads=2))
+        >>> image_rope = rope_frequencies(torch.randn(8, 3), (4, 6, 6))  # ids of the image patches
+        >>> voxel_rope = rope_frequencies(torch.randint(0, 4, (5, 3)), (4, 6, 6))  # voxel (x, y, z)
+        >>> image = TokenStream.from_lengths(torch.randn(8, 32), [4, 4], image_rope)
+        >>> voxels = TokenStream.from_lengths(torch.randn(5, 32), [2, 3], voxel_rope)
+        >>> image, voxels = block(image, voxels, torch.randn(2, 32))
+        >>> image.feats.shape, voxels.feats.shape
+        (torch.Size([8, 32]), torch.Size([5, 32]))
     """
 
     def __init__(self, config: MMDiTBlockConfig) -> None:
         super().__init__()
         self.config = config
         dim, head_dim = config.dim, config.head_dim
-        self.context_modulation = AdaLNModulation(dim, 6)
-        self.latent_modulation = AdaLNModulation(dim, 6)
-        self.context_attn_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
-        self.latent_attn_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
-        self.context_qkv = nn.Linear(dim, 3 * dim)
-        self.latent_qkv = nn.Linear(dim, 3 * dim)
-        self.context_query_norm = QKRMSNorm(head_dim, config.qk_norm_eps)
-        self.context_key_norm = QKRMSNorm(head_dim, config.qk_norm_eps)
-        self.latent_query_norm = QKRMSNorm(head_dim, config.qk_norm_eps)
-        self.latent_key_norm = QKRMSNorm(head_dim, config.qk_norm_eps)
-        self.context_attn_out = nn.Linear(dim, dim)
-        self.latent_attn_out = nn.Linear(dim, dim)
-        self.context_mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
-        self.latent_mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
-        self.context_mlp = _mlp(dim, config.mlp_hidden_dim)
-        self.latent_mlp = _mlp(dim, config.mlp_hidden_dim)
+        self.image_modulation = AdaLNModulation(dim, 6)
+        self.voxel_modulation = AdaLNModulation(dim, 6)
+        self.image_attn_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
+        self.voxel_attn_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
+        self.image_qkv = nn.Linear(dim, 3 * dim)
+        self.voxel_qkv = nn.Linear(dim, 3 * dim)
+        self.image_query_norm = QKRMSNorm(head_dim, config.qk_norm_eps)
+        self.image_key_norm = QKRMSNorm(head_dim, config.qk_norm_eps)
+        self.voxel_query_norm = QKRMSNorm(head_dim, config.qk_norm_eps)
+        self.voxel_key_norm = QKRMSNorm(head_dim, config.qk_norm_eps)
+        self.image_attn_out = nn.Linear(dim, dim)
+        self.voxel_attn_out = nn.Linear(dim, dim)
+        self.image_mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
+        self.voxel_mlp_norm = nn.LayerNorm(dim, elementwise_affine=False, eps=config.norm_eps)
+        self.image_mlp = _mlp(dim, config.mlp_hidden_dim)
+        self.voxel_mlp = _mlp(dim, config.mlp_hidden_dim)
 
     def forward(
-        self,
-        context: torch.Tensor,
-        context_offsets: torch.Tensor,
-        latent: torch.Tensor,
-        latent_offsets: torch.Tensor,
-        vec: torch.Tensor,
-        context_rope: RopeTables,
-        latent_rope: RopeTables,
-        *,
-        max_seqlen: int | tuple[int, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, image: TokenStream, voxels: TokenStream, vec: torch.Tensor
+    ) -> tuple[TokenStream, TokenStream]:
         """Runs the block on a packed batch.
 
         Args:
-            context: Condition tokens ``[Tc, D]``, samples contiguous and in order.
-            context_offsets: Integer offsets ``[B + 1]`` of ``context``.
-            latent: Latent (voxel) tokens ``[Tl, D]``.
-            latent_offsets: Integer offsets ``[B + 1]`` of ``latent`` (same ``B``).
-            vec: Conditioning vector per sample ``[B, D]`` (e.g. the timestep embedding).
-            context_rope: ``(cos, sin)`` tables ``[Tc, D / H]`` in ``context`` order.
-            latent_rope: ``(cos, sin)`` tables ``[Tl, D / H]`` in ``latent`` order.
-            max_seqlen: Longest joint sequence ``max_b (Tc_b + Tl_b)`` (an upper bound is fine), or the
-                longest sample of each stream ``(max_b Tc_b, max_b Tl_b)``, which also lets equal-length
-                batches skip the token permutation. Passing it skips the one host sync that validates the
-                offsets (they are then trusted).
+            image: Condition-image tokens ``[Ti, D]`` with RoPE tables ``[Ti, D / H]`` (diffusers'
+                ``encoder_hidden_states``: FLUX's text / context stream).
+            voxels: Voxel tokens ``[Tv, D]`` with RoPE tables ``[Tv, D / H]``, the same ``B`` (diffusers'
+                ``hidden_states``).
+            vec: Conditioning vector per sample ``[B, D]`` (e.g. the timestep embedding; diffusers' ``temb``).
 
         Returns:
-            ``(context, latent)``: updated tokens ``[Tc, D]`` and ``[Tl, D]``.
+            ``(image, voxels)``: the updated streams (same offsets and tables, feats ``[Ti, D]`` and
+            ``[Tv, D]``), carrying both ``max_length`` values, so the next block skips the offsets check.
+
+        Raises:
+            TypeError: ``image`` or ``voxels`` is not a TokenStream.
+            ValueError: Widths, RoPE tables, batch sizes, ``vec`` or the offsets do not fit.
         """
         cfg = self.config
-        max_seqlen = _check_inputs(
-            cfg, context, context_offsets, latent, latent_offsets, vec, context_rope, latent_rope, max_seqlen
-        )
-        context_index = batch_index_from_offsets(context_offsets, context.shape[0])  # [Tc]
-        latent_index = batch_index_from_offsets(latent_offsets, latent.shape[0])  # [Tl]
+        image, voxels = _check_streams(cfg, image, voxels, vec)
+        image_tokens, voxel_tokens = image.feats, voxels.feats  # [Ti, D], [Tv, D]
+        image_index = batch_index_from_offsets(image.offsets, image.num_tokens)  # [Ti]
+        voxel_index = batch_index_from_offsets(voxels.offsets, voxels.num_tokens)  # [Tv]
         (
-            context_shift_attn,
-            context_scale_attn,
-            context_gate_attn,
-            context_shift_mlp,
-            context_scale_mlp,
-            context_gate_mlp,
-        ) = self.context_modulation(vec)  # 6 x [B, D]
+            image_shift_attn,
+            image_scale_attn,
+            image_gate_attn,
+            image_shift_mlp,
+            image_scale_mlp,
+            image_gate_mlp,
+        ) = self.image_modulation(vec)  # 6 x [B, D]
         (
-            latent_shift_attn,
-            latent_scale_attn,
-            latent_gate_attn,
-            latent_shift_mlp,
-            latent_scale_mlp,
-            latent_gate_mlp,
-        ) = self.latent_modulation(vec)  # 6 x [B, D]
+            voxel_shift_attn,
+            voxel_scale_attn,
+            voxel_gate_attn,
+            voxel_shift_mlp,
+            voxel_scale_mlp,
+            voxel_gate_mlp,
+        ) = self.voxel_modulation(vec)  # 6 x [B, D]
 
-        context_normed = _modulate(
-            self.context_attn_norm(context), context_shift_attn, context_scale_attn, context_index
+        image_normed = _modulate(
+            self.image_attn_norm(image_tokens), image_shift_attn, image_scale_attn, image_index
         )
-        latent_normed = _modulate(
-            self.latent_attn_norm(latent), latent_shift_attn, latent_scale_attn, latent_index
+        voxel_normed = _modulate(
+            self.voxel_attn_norm(voxel_tokens), voxel_shift_attn, voxel_scale_attn, voxel_index
         )
-        context_qkv = self.context_qkv(context_normed).unflatten(-1, (3, cfg.num_heads, cfg.head_dim))
-        latent_qkv = self.latent_qkv(latent_normed).unflatten(-1, (3, cfg.num_heads, cfg.head_dim))
-        context_query, context_key, context_value = context_qkv.unbind(1)  # [Tc, H, D/H] each
-        latent_query, latent_key, latent_value = latent_qkv.unbind(1)  # [Tl, H, D/H] each
-        context_query = apply_rope(self.context_query_norm(context_query), *context_rope)
-        context_key = apply_rope(self.context_key_norm(context_key), *context_rope)
-        latent_query = apply_rope(self.latent_query_norm(latent_query), *latent_rope)
-        latent_key = apply_rope(self.latent_key_norm(latent_key), *latent_rope)
-        context_attn, latent_attn = joint_attention(
-            context_query,
-            context_key,
-            context_value,
-            context_offsets,
-            latent_query,
-            latent_key,
-            latent_value,
-            latent_offsets,
+        image_qkv = self.image_qkv(image_normed).unflatten(-1, (3, cfg.num_heads, cfg.head_dim))
+        voxel_qkv = self.voxel_qkv(voxel_normed).unflatten(-1, (3, cfg.num_heads, cfg.head_dim))
+        image_query, image_key, image_value = image_qkv.unbind(1)  # [Ti, H, D/H] each
+        voxel_query, voxel_key, voxel_value = voxel_qkv.unbind(1)  # [Tv, H, D/H] each
+        image_query = apply_rope(self.image_query_norm(image_query), *image.rope)
+        image_key = apply_rope(self.image_key_norm(image_key), *image.rope)
+        voxel_query = apply_rope(self.voxel_query_norm(voxel_query), *voxels.rope)
+        voxel_key = apply_rope(self.voxel_key_norm(voxel_key), *voxels.rope)
+        image_attn, voxel_attn = joint_attention(
+            image_query,
+            image_key,
+            image_value,
+            image.offsets,
+            voxel_query,
+            voxel_key,
+            voxel_value,
+            voxels.offsets,
             backend=cfg.attention_backend,
-            max_seqlen=max_seqlen,
-        )  # [Tc, H, D/H], [Tl, H, D/H]
+            max_seqlen=(image.max_length, voxels.max_length),
+        )  # [Ti, H, D/H], [Tv, H, D/H]
 
-        context = _gated(
-            context, context_gate_attn, self.context_attn_out(context_attn.flatten(1)), context_index
+        image_tokens = _gated(
+            image_tokens, image_gate_attn, self.image_attn_out(image_attn.flatten(1)), image_index
         )
-        context_normed = _modulate(
-            self.context_mlp_norm(context), context_shift_mlp, context_scale_mlp, context_index
+        image_normed = _modulate(
+            self.image_mlp_norm(image_tokens), image_shift_mlp, image_scale_mlp, image_index
         )
-        context = _gated(context, context_gate_mlp, self.context_mlp(context_normed), context_index)
+        image_tokens = _gated(image_tokens, image_gate_mlp, self.image_mlp(image_normed), image_index)
 
-        latent = _gated(latent, latent_gate_attn, self.latent_attn_out(latent_attn.flatten(1)), latent_index)
-        latent_normed = _modulate(
-            self.latent_mlp_norm(latent), latent_shift_mlp, latent_scale_mlp, latent_index
+        voxel_tokens = _gated(
+            voxel_tokens, voxel_gate_attn, self.voxel_attn_out(voxel_attn.flatten(1)), voxel_index
         )
-        latent = _gated(latent, latent_gate_mlp, self.latent_mlp(latent_normed), latent_index)
-        return context, latent
+        voxel_normed = _modulate(
+            self.voxel_mlp_norm(voxel_tokens), voxel_shift_mlp, voxel_scale_mlp, voxel_index
+        )
+        voxel_tokens = _gated(voxel_tokens, voxel_gate_mlp, self.voxel_mlp(voxel_normed), voxel_index)
+        return image.replace(image_tokens), voxels.replace(voxel_tokens)
 
 
 class SingleStreamBlock(nn.Module):
     """FLUX/MMDiT single-stream block: shared weights, parallel attention and MLP, one gate.
 
-    Both modalities go through the same layers; attention is joint per sample (context first):
+    Both modalities go through the same layers; attention is joint per sample (image tokens first, as
+    diffusers' ``FluxSingleTransformerBlock`` sees ``cat([encoder_hidden_states, hidden_states])``):
 
         shift, scale, gate = modulation(vec)                                   # 3 x [B, D]
         h = LN(x) * (1 + scale) + shift
@@ -383,71 +393,59 @@ class SingleStreamBlock(nn.Module):
         self.linear_out = nn.Linear(dim + config.mlp_hidden_dim, dim)
 
     def forward(
-        self,
-        context: torch.Tensor,
-        context_offsets: torch.Tensor,
-        latent: torch.Tensor,
-        latent_offsets: torch.Tensor,
-        vec: torch.Tensor,
-        context_rope: RopeTables,
-        latent_rope: RopeTables,
-        *,
-        max_seqlen: int | tuple[int, int] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self, image: TokenStream, voxels: TokenStream, vec: torch.Tensor
+    ) -> tuple[TokenStream, TokenStream]:
         """Runs the block on a packed batch.
 
         Args:
-            context: Condition tokens ``[Tc, D]``, samples contiguous and in order.
-            context_offsets: Integer offsets ``[B + 1]`` of ``context``.
-            latent: Latent (voxel) tokens ``[Tl, D]``.
-            latent_offsets: Integer offsets ``[B + 1]`` of ``latent`` (same ``B``).
-            vec: Conditioning vector per sample ``[B, D]``.
-            context_rope: ``(cos, sin)`` tables ``[Tc, D / H]`` in ``context`` order.
-            latent_rope: ``(cos, sin)`` tables ``[Tl, D / H]`` in ``latent`` order.
-            max_seqlen: Longest joint sequence ``max_b (Tc_b + Tl_b)`` (an upper bound is fine), or the
-                longest sample of each stream ``(max_b Tc_b, max_b Tl_b)``, which also lets equal-length
-                batches skip the token permutation. Passing it skips the one host sync that validates the
-                offsets (they are then trusted).
+            image: Condition-image tokens ``[Ti, D]`` with RoPE tables ``[Ti, D / H]`` (diffusers'
+                ``encoder_hidden_states``: FLUX's text / context stream).
+            voxels: Voxel tokens ``[Tv, D]`` with RoPE tables ``[Tv, D / H]``, the same ``B`` (diffusers'
+                ``hidden_states``).
+            vec: Conditioning vector per sample ``[B, D]`` (e.g. the timestep embedding; diffusers' ``temb``).
 
         Returns:
-            ``(context, latent)``: updated tokens ``[Tc, D]`` and ``[Tl, D]``.
+            ``(image, voxels)``: the updated streams (same offsets and tables, feats ``[Ti, D]`` and
+            ``[Tv, D]``), carrying both ``max_length`` values, so the next block skips the offsets check.
+
+        Raises:
+            TypeError: ``image`` or ``voxels`` is not a TokenStream.
+            ValueError: Widths, RoPE tables, batch sizes, ``vec`` or the offsets do not fit.
         """
         cfg = self.config
-        max_seqlen = _check_inputs(
-            cfg, context, context_offsets, latent, latent_offsets, vec, context_rope, latent_rope, max_seqlen
-        )
-        num_context = context.shape[0]
-        context_index = batch_index_from_offsets(context_offsets, num_context)  # [Tc]
-        latent_index = batch_index_from_offsets(latent_offsets, latent.shape[0])  # [Tl]
+        image, voxels = _check_streams(cfg, image, voxels, vec)
+        num_image = image.num_tokens
+        image_index = batch_index_from_offsets(image.offsets, num_image)  # [Ti]
+        voxel_index = batch_index_from_offsets(voxels.offsets, voxels.num_tokens)  # [Tv]
         # Token-wise layers run on both streams at once (stream-major order; attention restores samples).
-        tokens = torch.cat([context, latent])  # [Tc + Tl, D]
-        token_index = torch.cat([context_index, latent_index])  # [Tc + Tl]
-        rope_cos = torch.cat([context_rope[0], latent_rope[0]])  # [Tc + Tl, D/H]
-        rope_sin = torch.cat([context_rope[1], latent_rope[1]])  # [Tc + Tl, D/H]
+        tokens = torch.cat([image.feats, voxels.feats])  # [Ti + Tv, D]
+        token_index = torch.cat([image_index, voxel_index])  # [Ti + Tv]
+        rope_cos = torch.cat([image.rope[0], voxels.rope[0]])  # [Ti + Tv, D/H]
+        rope_sin = torch.cat([image.rope[1], voxels.rope[1]])  # [Ti + Tv, D/H]
 
         shift, scale, gate = self.modulation(vec)  # 3 x [B, D]
-        normed = _modulate(self.pre_norm(tokens), shift, scale, token_index)  # [Tc + Tl, D]
+        normed = _modulate(self.pre_norm(tokens), shift, scale, token_index)  # [Ti + Tv, D]
         qkv, mlp_hidden = self.linear_in(normed).split([3 * cfg.dim, cfg.mlp_hidden_dim], dim=-1)
-        query, key, value = qkv.unflatten(-1, (3, cfg.num_heads, cfg.head_dim)).unbind(1)  # [Tc+Tl, H, D/H]
+        query, key, value = qkv.unflatten(-1, (3, cfg.num_heads, cfg.head_dim)).unbind(1)  # [Ti+Tv, H, D/H]
         query = apply_rope(self.query_norm(query), rope_cos, rope_sin)
         key = apply_rope(self.key_norm(key), rope_cos, rope_sin)
-        context_attn, latent_attn = joint_attention(
-            query[:num_context],
-            key[:num_context],
-            value[:num_context],
-            context_offsets,
-            query[num_context:],
-            key[num_context:],
-            value[num_context:],
-            latent_offsets,
+        image_attn, voxel_attn = joint_attention(
+            query[:num_image],
+            key[:num_image],
+            value[:num_image],
+            image.offsets,
+            query[num_image:],
+            key[num_image:],
+            value[num_image:],
+            voxels.offsets,
             backend=cfg.attention_backend,
-            max_seqlen=max_seqlen,
-        )  # [Tc, H, D/H], [Tl, H, D/H]
-        attn = torch.cat([context_attn, latent_attn]).flatten(1)  # [Tc + Tl, D]
-        mlp_hidden = self.mlp_activation(mlp_hidden)  # [Tc + Tl, mlp_hidden]
-        update = self.linear_out(torch.cat([attn, mlp_hidden], dim=-1))  # [Tc + Tl, D]
+            max_seqlen=(image.max_length, voxels.max_length),
+        )  # [Ti, H, D/H], [Tv, H, D/H]
+        attn = torch.cat([image_attn, voxel_attn]).flatten(1)  # [Ti + Tv, D]
+        mlp_hidden = self.mlp_activation(mlp_hidden)  # [Ti + Tv, mlp_hidden]
+        update = self.linear_out(torch.cat([attn, mlp_hidden], dim=-1))  # [Ti + Tv, D]
         tokens = _gated(tokens, gate, update, token_index)
-        return tokens[:num_context], tokens[num_context:]
+        return image.replace(tokens[:num_image]), voxels.replace(tokens[num_image:])
 
 
 class FinalLayer(nn.Module):
