@@ -99,11 +99,21 @@ def test_mmdit_blocks_gradcheck(block_class) -> None:
 @pytest.mark.parametrize("window", [None, 2], ids=["full", "windowed"])
 def test_decoder_transformer_block_gradcheck(window) -> None:
     """The Gaussian decoder's block (qk-norm, 3D RoPE hook) and, through it, a 2-layer RoPE stack."""
-    coords = torch.tensor([[0, 0, 1, 2], [0, 3, 1, 0], [0, 2, 2, 2], [1, 1, 1, 1], [1, 0, 2, 3]])
-    feats = torch.randn(5, DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    block = _randomize(
-        SparseTransformerBlock(DIM, HEADS, mlp_ratio=1.0, window=window, shift=bool(window)), 4
+    # Windows of 2^3 cells hold 3, 2 and 2 voxels (and one alone), so attention mixes voxels in either mode.
+    coords = torch.tensor(
+        [
+            [0, 0, 0, 0],
+            [0, 1, 0, 0],
+            [0, 0, 1, 1],
+            [0, 2, 2, 2],
+            [0, 3, 3, 2],
+            [1, 0, 0, 1],
+            [1, 1, 1, 0],
+            [1, 3, 2, 3],
+        ]
     )
+    feats = torch.randn(coords.shape[0], DIM, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    block = _randomize(SparseTransformerBlock(DIM, HEADS, mlp_ratio=1.0, window=window), 4)
     cos, sin = rope_frequencies(coords[:, 1:], axial_split(DIM // HEADS))
 
     def run(values):
@@ -116,7 +126,7 @@ def test_decoder_transformer_block_gradcheck(window) -> None:
         in_channels=3, dim=DIM, num_layers=2, num_heads=HEADS, mlp_ratio=1.0, window=window, position="rope"
     )
     stack = _randomize(SparseTransformer(config), seed=5)
-    latents = torch.randn(5, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    latents = torch.randn(coords.shape[0], 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
     assert gradcheck(lambda values: stack(SparseTensor(coords, values)).feats, (latents.requires_grad_(),))
 
 
