@@ -186,6 +186,74 @@ def test_marope_module_tables() -> None:
     assert torch.equal(plain(image_ids)[0], image_cos)
 
 
+@given(
+    shapes=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 4)), min_size=1, max_size=4),
+    form=st.sampled_from(["pairs", "lists", "tensor"]),
+    plane_axis=st.sampled_from([0, 1, 2]),
+)
+def test_marope_ragged_images_match_per_sample_calls(shapes, form, plane_axis) -> None:
+    """Per-sample image shapes (different token counts per sample): the image tables are those of one call
+    per sample, concatenated in sample order, in every accepted form; the voxel tables do not change."""
+    rope = MARoPE(axes_dims=(4, 6, 6), plane_axis=plane_axis, plane_position=-2.0)
+    grid = (5, 3, 4)
+    coords = torch.tensor([[b, b, 2, 3 - b] for b in range(len(shapes))], dtype=torch.int32)
+    given_shapes = {
+        "pairs": shapes,
+        "lists": tuple(list(shape) for shape in shapes),
+        "tensor": torch.tensor(shapes, dtype=torch.int64).reshape(-1, 2),
+    }[form]
+    (image_cos, image_sin), voxel_rope = rope(coords, image_shape=given_shapes, grid_shape=grid)
+    expected_cos, expected_sin = [], []
+    for b, shape in enumerate(shapes):
+        (one_cos, one_sin), _ = rope(coords[b : b + 1], image_shape=shape, grid_shape=grid, batch_size=1)
+        expected_cos.append(one_cos)
+        expected_sin.append(one_sin)
+    assert image_cos.shape == (sum(h * w for h, w in shapes), 16)
+    assert torch.equal(image_cos, torch.cat(expected_cos)) and torch.equal(image_sin, torch.cat(expected_sin))
+    assert torch.equal(voxel_rope[0], rope(coords, image_shape=(1, 1), grid_shape=grid, batch_size=1)[1][0])
+    ids = rope.image_ids(given_shapes, grid, batch_size=len(shapes))
+    expected_ids = [
+        marope_image_ids(shape, grid, plane_axis=plane_axis, plane_position=-2.0) for shape in shapes
+    ]
+    assert torch.equal(ids, torch.cat(expected_ids))
+
+
+def test_marope_shared_shape_equals_repeated_per_sample_shapes() -> None:
+    rope = MARoPE(axes_dims=(4, 6, 6))
+    coords = torch.zeros(0, 4, dtype=torch.int32)
+    shared = rope(coords, image_shape=(3, 2), grid_shape=(4, 4, 4), batch_size=3)
+    per_sample = rope(coords, image_shape=[(3, 2)] * 3, grid_shape=(4, 4, 4), batch_size=3)
+    assert torch.equal(shared[0][0], per_sample[0][0]) and torch.equal(shared[0][1], per_sample[0][1])
+    wide = rope(
+        coords, image_shape=torch.tensor([3, 2]), grid_shape=(4, 4, 4), batch_size=3, dtype=torch.float64
+    )
+    assert wide[0][0].dtype == torch.float64 and torch.equal(wide[0][0].float(), shared[0][0])
+
+
+def test_marope_image_shape_errors() -> None:
+    rope = MARoPE(axes_dims=(4, 6, 6))
+    coords = torch.zeros(0, 4, dtype=torch.int32)
+    grid = (4, 4, 4)
+    with pytest.raises(ValueError, match="batch_size: expected an int >= 1 with one shared image_shape"):
+        rope(coords, image_shape=(2, 2), grid_shape=grid)
+    with pytest.raises(
+        ValueError, match="batch_size: expected the number of per-sample image shapes, 2, got 3"
+    ):
+        rope(coords, image_shape=[(2, 2), (1, 3)], grid_shape=grid, batch_size=3)
+    with pytest.raises(ValueError, match=r"image_shape: expected \(h, w\), a sequence of B pairs"):
+        rope(coords, image_shape=(2, 2, 2), grid_shape=grid, batch_size=1)
+    with pytest.raises(ValueError, match=r"image_shape: expected \(h, w\), a sequence of B pairs"):
+        rope(coords, image_shape=[(2, 2), (1, 3, 1)], grid_shape=grid)
+    with pytest.raises(ValueError, match="got a tensor of shape \\[2, 3\\]"):
+        rope(coords, image_shape=torch.zeros(2, 3, dtype=torch.int64), grid_shape=grid)
+    with pytest.raises(TypeError, match="image_shape: expected an integer tensor, got torch.float32"):
+        rope(coords, image_shape=torch.tensor([[2.0, 2.0]]), grid_shape=grid)
+    with pytest.raises(ValueError, match="image_shape: expected non-negative integer sizes"):
+        rope(coords, image_shape=[(2, -1)], grid_shape=grid)
+    with pytest.raises(ValueError, match="image_shape: expected non-negative integer sizes"):
+        rope(coords, image_shape=[(2, 1.5)], grid_shape=grid)
+
+
 def test_marope_relative_bias_prefers_nearby_voxels() -> None:
     """With all-equal q/k content, RoPE scores decay with distance: a patch scores higher against the
     voxel right behind it than against a voxel on the far side of the grid (the MARoPE intuition)."""

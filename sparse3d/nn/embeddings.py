@@ -96,13 +96,17 @@ ImageShapes = Sequence[int] | Sequence[Sequence[int]] | torch.Tensor
 """One patch grid ``(h, w)`` for all samples, or one per sample (``B`` pairs or an int tensor ``[B, 2]``)."""
 
 
-def _image_shapes(image_shape: ImageShapes, batch_size: int | None = None) -> list[tuple[int, int]]:
+def _image_shapes(
+    image_shape: ImageShapes, batch_size: int | None = None, *, default_batch_size: int | None = None
+) -> list[tuple[int, int]]:
     """One ``(h, w)`` per sample, from one shared shape or from per-sample shapes.
 
     Args:
         image_shape: ``(h, w)`` shared by all samples, ``B`` pairs ``(h_b, w_b)``, or an integer tensor
             ``[2]`` or ``[B, 2]`` (read on the host).
-        batch_size: ``B``: required with a shared shape; with per-sample shapes ``None`` or their count.
+        batch_size: ``B``: required with a shared shape (unless ``default_batch_size``); with per-sample
+            shapes ``None`` or their count.
+        default_batch_size: ``B`` for a shared shape when ``batch_size`` is ``None``.
 
     Returns:
         ``B`` pairs of non-negative ints.
@@ -136,7 +140,11 @@ def _image_shapes(image_shape: ImageShapes, batch_size: int | None = None) -> li
             )
     else:
         items = list(image_shape)
-        nested = [isinstance(item, (Sequence, torch.Tensor)) and not isinstance(item, str) for item in items]
+        nested = [
+            (isinstance(item, Sequence) and not isinstance(item, str))
+            or (isinstance(item, torch.Tensor) and item.dim() > 0)
+            for item in items
+        ]
         if len(items) == 2 and not any(nested):
             shared, values = True, [tuple(items)]
         elif items and all(nested) and all(len(item) == 2 for item in items):
@@ -153,6 +161,7 @@ def _image_shapes(image_shape: ImageShapes, batch_size: int | None = None) -> li
             raise ValueError(f"image_shape: expected non-negative integer sizes (h, w), got {pair!r}")
         pairs.append((height, width))
     if shared:
+        batch_size = default_batch_size if batch_size is None else batch_size
         if batch_size is None:
             raise ValueError("batch_size: expected an int >= 1 with one shared image_shape (h, w), got None")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -266,7 +275,7 @@ class MARoPE(RotaryEmbedding):
         image_shape: ImageShapes,
         grid_shape: Sequence[int],
         *,
-        batch_size: int | None = 1,
+        batch_size: int | None = None,
         device: torch.device | str | None = None,
     ) -> torch.Tensor:
         """Ids of the image patch tokens of a batch: one ``h x w`` shape for all, or one per sample.
@@ -276,8 +285,8 @@ class MARoPE(RotaryEmbedding):
                 ``B`` pairs ``(h_b, w_b)`` or an integer tensor ``[B, 2]`` (read on the host). Tokens are
                 row-major within each image, images in sample order.
             grid_shape: Voxel grid extent ``(X, Y, Z)`` in voxel-id units.
-            batch_size: Number of samples ``B``: required with one shared ``(h, w)``; with per-sample shapes
-                ``None`` or their count.
+            batch_size: Number of samples ``B``: with one shared ``(h, w)`` 1 unless given; with per-sample
+                shapes ``None`` or their count.
             device: Device of the result.
 
         Returns:
@@ -287,7 +296,7 @@ class MARoPE(RotaryEmbedding):
             TypeError: ``image_shape`` is a floating or bool tensor.
             ValueError: ``image_shape`` is neither one pair nor ``B`` pairs, or ``batch_size`` disagrees.
         """
-        per_sample = _image_shapes(image_shape, batch_size)
+        per_sample = _image_shapes(image_shape, batch_size, default_batch_size=1)
         tables: dict[tuple[int, int], torch.Tensor] = {}
         for shape in per_sample:
             if shape not in tables:
@@ -333,7 +342,8 @@ class MARoPE(RotaryEmbedding):
             TypeError: ``image_shape`` is a floating or bool tensor.
             ValueError: ``image_shape`` is neither one pair nor ``B`` pairs, or ``batch_size`` disagrees.
         """
-        image = self.image_ids(image_shape, grid_shape, batch_size=batch_size, device=voxel_coords.device)
+        per_sample = _image_shapes(image_shape, batch_size)  # B pairs (h_b, w_b)
+        image = self.image_ids(per_sample, grid_shape, device=voxel_coords.device)
         image_rope = rope_frequencies(image, self.axes_dims, theta=self.theta, dtype=dtype)
         voxel_rope = rope_frequencies(
             self.voxel_ids(voxel_coords), self.axes_dims, theta=self.theta, dtype=dtype
