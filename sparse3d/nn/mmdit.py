@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sparse3d.functional.attention import joint_attention
+from sparse3d.functional.attention import _validated_max, joint_attention
 from sparse3d.functional.norm import _compute_dtype
 from sparse3d.functional.rope import apply_rope, check_rope_tables
 from sparse3d.nn.tokens import TokenStream
@@ -119,34 +119,15 @@ def _check_streams(
         )
     if image.max_length is not None and voxels.max_length is not None:
         return image, voxels
-    image_lengths = image.offsets.diff().long()  # [B]
-    voxel_lengths = voxels.offsets.diff().long()  # [B]
-    stats = torch.stack(
+    image_max, voxel_max = _validated_max(
         [
-            image.offsets[0].long(),
-            image.offsets[-1].long(),
-            voxels.offsets[0].long(),
-            voxels.offsets[-1].long(),
-            torch.minimum(image_lengths.min(), voxel_lengths.min()),
-            image_lengths.max(),
-            voxel_lengths.max(),
+            ("image.offsets", image.offsets, image.num_tokens, "image.feats"),
+            ("voxels.offsets", voxels.offsets, voxels.num_tokens, "voxels.feats"),
         ]
-    ).tolist()  # the one host sync
-    for name, first, last, rows in (
-        ("image.offsets", stats[0], stats[1], image.num_tokens),
-        ("voxels.offsets", stats[2], stats[3], voxels.num_tokens),
-    ):
-        if first != 0 or last != rows:
-            raise ValueError(
-                f"{name}: expected offsets[0] == 0 and offsets[-1] == {rows}, got {first} and {last}"
-            )
-    if stats[4] < 0:
-        raise ValueError(
-            f"image.offsets, voxels.offsets: expected non-decreasing offsets, got a step {stats[4]}"
-        )
+    )  # the one host sync
     return (
-        dataclasses.replace(image, max_length=int(stats[5])),
-        dataclasses.replace(voxels, max_length=int(stats[6])),
+        dataclasses.replace(image, max_length=image_max),
+        dataclasses.replace(voxels, max_length=voxel_max),
     )
 
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 import torch
 
+from sparse3d.functional.attention import _check_offsets
+
 __all__ = ["RopeTables", "TokenStream"]
 
 RopeTables = tuple[torch.Tensor, torch.Tensor]
@@ -39,8 +41,8 @@ class TokenStream:
 
     Attributes:
         feats: Tokens ``[T, D]``.
-        offsets: Integer offsets ``[B + 1]``, ``B >= 1``: ``offsets[0] == 0``, non-decreasing,
-            ``offsets[-1] == T``.
+        offsets: int32 (or int64) offsets ``[B + 1]``, ``B >= 1``: ``offsets[0] == 0``, non-decreasing,
+            ``offsets[-1] == T``, on the device of ``feats``.
         rope: ``(cos, sin)`` RoPE tables, each ``[T, head_dim]``, in token order.
         max_length: Tokens of the longest sample, or an upper bound of it (an upper bound above the true
             maximum forgoes the equal-length fast path of
@@ -67,22 +69,7 @@ class TokenStream:
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2:
             shape = list(feats.shape) if isinstance(feats, torch.Tensor) else type(feats).__name__
             raise ValueError(f"feats: expected a tensor of tokens [T, D], got {shape}")
-        if (
-            not isinstance(offsets, torch.Tensor)
-            or offsets.dim() != 1
-            or offsets.shape[0] < 2
-            or offsets.dtype.is_floating_point
-            or offsets.dtype.is_complex
-            or offsets.dtype == torch.bool
-        ):
-            what = (
-                f"{offsets.dtype} {list(offsets.shape)}"
-                if isinstance(offsets, torch.Tensor)
-                else type(offsets).__name__
-            )
-            raise ValueError(f"offsets: expected integer offsets [B + 1] with B >= 1, got {what}")
-        if offsets.device != feats.device:
-            raise ValueError(f"offsets: expected device {feats.device} (that of feats), got {offsets.device}")
+        _check_offsets("offsets", offsets, feats.device)
         if not (isinstance(rope, (tuple, list)) and len(rope) == 2):
             raise ValueError(f"rope: expected a pair (cos, sin) of tensors [T, head_dim], got {type(rope)}")
         for part, table in zip(("cos", "sin"), rope, strict=True):
