@@ -106,3 +106,22 @@ def test_image_errors_name_the_argument() -> None:
         model(x_t, t, torch.zeros(3, 3, 4, 4))
     with pytest.raises(ValueError, match="image: expected height and width divisible by 2, got 4 x 3"):
         model(x_t, t, [torch.zeros(3, 4, 4), torch.zeros(3, 4, 3)])
+
+
+@pytest.mark.gpu
+def test_cuda_ragged_images_match_cpu() -> None:
+    """On CUDA (the automatic attention backend, per-sample flash loop for unequal lengths), ragged images
+    give the CPU result in float32."""
+    model = _model(seed=5)
+    x_t = _latents([9, 4, 12])
+    t = torch.tensor([0.2, 0.5, 0.9])
+    generator = torch.Generator().manual_seed(6)
+    images = [
+        torch.randn(3, height, width, generator=generator) for height, width in ((4, 4), (2, 6), (6, 2))
+    ]
+    with torch.no_grad():
+        reference = model(x_t, t, images)
+        on_gpu = SparseTensor(x_t.coords.cuda(), x_t.feats.cuda(), spatial_shape=x_t.spatial_shape)
+        out = model.cuda()(on_gpu, t.cuda(), [image.cuda() for image in images])
+    assert out.feats.is_cuda
+    torch.testing.assert_close(out.feats.cpu(), reference.feats, atol=1e-4, rtol=1e-4)
