@@ -71,7 +71,9 @@ class TokenStream:
             raise ValueError(f"feats: expected a tensor of tokens [T, D], got {shape}")
         _check_offsets("offsets", offsets, feats.device)
         if not (isinstance(rope, (tuple, list)) and len(rope) == 2):
-            raise ValueError(f"rope: expected a pair (cos, sin) of tensors [T, head_dim], got {type(rope)}")
+            raise ValueError(
+                f"rope: expected a pair (cos, sin) of tensors [T, head_dim], got {type(rope).__name__}"
+            )
         for part, table in zip(("cos", "sin"), rope, strict=True):
             if not isinstance(table, torch.Tensor) or table.dim() != 2 or table.shape[0] != feats.shape[0]:
                 shape = list(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
