@@ -617,9 +617,10 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="sigma_min"):
         LinearPath(sigma_min=1.0)
     coords = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]])
-    sparse = SparseTensor(coords, torch.randn(2, 3))
-    other = SparseTensor(coords + torch.tensor([0, 1, 0, 0]), torch.randn(2, 3))
-    with pytest.raises(ValueError, match="noise: expected the layout of x0"):
+    sparse = SparseTensor(coords, torch.randn(2, 3), spatial_shape=2)
+    other = SparseTensor(coords + torch.tensor([0, 1, 0, 0]), torch.randn(2, 3), spatial_shape=2)
+    moved = r"noise: expected a SparseTensor with the same layout as x0 .*, got coords at row 0: \[0, 1, 0"
+    with pytest.raises(ValueError, match=moved):
         path.sample(sparse, torch.rand(2), noise=other)
     kwargs = {"condition": {"image": x0}, "null_condition": {"image": x0}}
     for interval in [(0.6, 0.4), (-0.1, 0.5), (0.2, 1.2), (0.5,)]:
