@@ -390,7 +390,7 @@ def sparse_conv3d(
     r"""Sparse 3D convolution: submanifold, strided or transposed (correlation, like ``F.conv3d``).
 
     Kernel offsets ``off_k`` come from [`kernel_offsets`][sparse3d.functional.coords.kernel_offsets]
-    (x slowest, z fastest; centred for odd sizes, starting at 0 for even sizes), and ``weight[k]`` is the
+    (x slowest, z fastest; ``(k - (size - 1) // 2) * dilation`` per axis), and ``weight[k]`` is the
     ``[C_in, C_out]`` matrix of offset ``k``. Missing neighbours contribute zero.
 
     The output voxels are ``out_layout`` when given, else chosen by ``layout_rule`` (see
