@@ -98,6 +98,20 @@ def _diffusers_trajectory(scheduler, x, sigmas_in, mu=None):
     return scheduler.sigmas.clone(), states
 
 
+def _flux_scheduler(kind):
+    """diffusers' FlowMatchEulerDiscreteScheduler with FLUX's dynamic shift (mu given per call)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type=kind,
+    )
+
+
 def _our_trajectory(x, grid):
     states = []
     out = solve(toy_velocity, x, grid, callback=lambda info: states.append(info.x_next))
@@ -125,16 +139,8 @@ def test_euler_matches_diffusers_static_shift(num_steps, shift):
 @pytest.mark.parametrize("kind", ["exponential", "linear"])
 @pytest.mark.parametrize("num_tokens", [256, 1000, 4096, 8192])
 def test_euler_matches_diffusers_dynamic_shift(kind, num_tokens):
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type=kind,
-    )
+    scheduler = _flux_scheduler(kind)
     num_steps = 8
     mu = linear_mu(num_tokens)
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
@@ -163,8 +169,6 @@ def test_per_sample_mu_gives_one_grid_per_sample():
 def test_ragged_batch_with_per_sample_mu_equals_per_sample_solves_and_diffusers(method):
     """One solve over a ragged SparseTensor batch with mu = linear_mu(counts) per sample equals a solve of
     each sample alone on its own grid, and (Euler) diffusers' dynamic-shift scheduler run per sample."""
-    from diffusers import FlowMatchEulerDiscreteScheduler
-
     generator = torch.Generator().manual_seed(3)
     coords = [
         (torch.rand(16, 16, 16, generator=generator) < density).nonzero() for density in (0.02, 0.3, 0.6)
@@ -183,13 +187,7 @@ def test_ragged_batch_with_per_sample_mu_equals_per_sample_solves_and_diffusers(
         assert torch.equal(per_sample_feats[b], alone.sample.feats), b
     if method != "euler":
         return
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-    )
+    scheduler = _flux_scheduler("exponential")
     sigmas_in = np.linspace(1.0, 1.0 / num_steps, num_steps)
     for b in range(3):
         reference_sigmas, states = _diffusers_trajectory(scheduler, feats[b], sigmas_in, mu=float(mu[b]))
