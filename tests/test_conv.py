@@ -292,7 +292,7 @@ def test_layout_rule_module_and_errors():
         ValueError, match=r"layout_rule: expected one of \('parents', 'reached'\), got 'spconv'"
     ):
         sparse_conv3d(x, weight, stride=2, layout_rule="spconv")
-    with pytest.raises(ValueError, match=r"layout_rule: expected 'parents' or 'reached', got 'all'"):
+    with pytest.raises(ValueError, match=r"layout_rule: expected one of \('parents', 'reached'\), got 'all'"):
         SparseConv3d(4, 5, layout_rule="all")
     with pytest.raises(ValueError, match=r"layout_rule: out_layout already fixes the output voxels"):
         sparse_conv3d(x, weight, stride=2, out_layout=conv_output_layout(x, stride=2), layout_rule="reached")

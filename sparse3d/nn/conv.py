@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sparse3d.functional.conv import LayoutRule, sparse_conv3d, weight_from_dense
+from sparse3d.functional.conv import _LAYOUT_RULES, LayoutRule, sparse_conv3d, weight_from_dense
 from sparse3d.functional.coords import _triple
 from sparse3d.tensor import SparseTensor
 
@@ -62,8 +62,8 @@ class SparseConv3d(nn.Module):
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
-        if layout_rule not in ("parents", "reached"):
-            raise ValueError(f"layout_rule: expected 'parents' or 'reached', got {layout_rule!r}")
+        if layout_rule not in _LAYOUT_RULES:
+            raise ValueError(f"layout_rule: expected one of {_LAYOUT_RULES}, got {layout_rule!r}")
         self.kernel_size = _triple(kernel_size, "kernel_size")
         self.stride = _triple(stride, "stride")
         self.dilation = _triple(dilation, "dilation")
