@@ -18,6 +18,20 @@ __all__ = ["SparseTensor"]
 
 Number = int | float | bool
 
+_INTEGER_DTYPES: tuple[torch.dtype, ...] = (
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.uint16,
+    torch.int32,
+    torch.uint32,
+    torch.int64,
+    torch.uint64,
+)
+# Integer dtypes accepted for coordinates: range-checked in int64, then stored as int32.
+
+_INTEGER_NAMES = ", ".join(str(dtype).removeprefix("torch.") for dtype in _INTEGER_DTYPES)
+
 
 class SparseTensor:
     r"""A batch of ``B`` sparse voxel grids, packed into one list of active voxels.
@@ -83,7 +97,8 @@ class SparseTensor:
 
         Args:
             coords: Integer tensor ``[N, 4]`` of (batch, x, y, z), rows of each sample contiguous
-                and in batch order.
+                and in batch order. Any signed or unsigned integer dtype (int8 ... int64, uint8 ...
+                uint64): values are range-checked in int64, then stored as int32.
             feats: Tensor ``[N, ...]`` of features on the same device.
             batch_size: Number of samples ``B``; defaults to ``max(batch) + 1`` (1 if ``N == 0``).
                 Pass it when trailing samples are empty.
@@ -102,8 +117,8 @@ class SparseTensor:
                 f"coords and feats: expected torch.Tensor, got {type(coords).__name__} and "
                 f"{type(feats).__name__}"
             )
-        if coords.dtype.is_floating_point or coords.dtype.is_complex or coords.dtype == torch.bool:
-            raise TypeError(f"coords: expected an integer dtype (int32 or int64), got {coords.dtype}")
+        if coords.dtype not in _INTEGER_DTYPES:
+            raise TypeError(f"coords: expected an integer dtype ({_INTEGER_NAMES}), got {coords.dtype}")
         if coords.dim() != 2 or coords.shape[1] != 4:
             raise ValueError(f"coords: expected shape [N, 4] of (batch, x, y, z), got {list(coords.shape)}")
         if feats.dim() < 1 or feats.shape[0] != coords.shape[0]:
@@ -115,13 +130,16 @@ class SparseTensor:
             raise ValueError(f"feats: expected device {coords.device} (that of coords), got {feats.device}")
         num = coords.shape[0]
         if coords.dtype != torch.int32 and num and (check or batch_size is None or spatial_shape is None):
-            # Values beyond int32 would wrap silently in the cast below.
-            wide = (coords < 0) | (coords >= max(MAX_BATCH, MAX_COORD))
+            # Checked in int64: the bounds do not fit in int8/uint8/int16 (comparisons there overflow), and
+            # values beyond int32 would wrap silently in the cast below. uint64 values >= 2^63 become
+            # negative in int64 and are reported too.
+            promoted = coords.to(torch.int64)
+            wide = (promoted < 0) | (promoted >= max(MAX_BATCH, MAX_COORD))
             if bool(wide.any()):
                 row = int(wide.any(dim=1).nonzero()[0])
                 raise ValueError(
                     f"coords: expected 0 <= batch < {MAX_BATCH} and 0 <= x, y, z < {MAX_COORD}, got "
-                    f"{coords[row].tolist()} at row {row}"
+                    f"{coords[row].tolist()} at row {row} ({coords.dtype})"
                 )
         coords = coords.to(torch.int32).contiguous()
         if batch_size is None or spatial_shape is None:
@@ -272,8 +290,8 @@ class SparseTensor:
                 f"{len(feats)}"
             )
         for b, (c, f) in enumerate(zip(coords, feats, strict=True)):
-            if c.dtype.is_floating_point or c.dtype.is_complex or c.dtype == torch.bool:
-                raise TypeError(f"coords[{b}]: expected an integer dtype (int32 or int64), got {c.dtype}")
+            if c.dtype not in _INTEGER_DTYPES:
+                raise TypeError(f"coords[{b}]: expected an integer dtype ({_INTEGER_NAMES}), got {c.dtype}")
             if c.dim() != 2 or c.shape[1] != 3:
                 raise ValueError(f"coords[{b}]: expected shape [N, 3] of (x, y, z), got {list(c.shape)}")
             if f.dim() < 1 or f.shape[0] != c.shape[0]:
@@ -409,25 +427,33 @@ class SparseTensor:
 
     def same_layout(self, other: SparseTensor) -> bool:
         """True if ``other`` has the same coordinates (in the same row order), batch size, stride and grid."""
-        same_grid = (
-            self.batch_size == other.batch_size
-            and self.stride == other.stride
-            and self.spatial_shape == other.spatial_shape
-        )
-        if self.coords is other.coords:
-            return same_grid
-        return (
-            same_grid
-            and self.coords.shape == other.coords.shape
-            and self.coords.device == other.coords.device
-            and bool(torch.equal(self.coords, other.coords))
-        )
+        return self._layout_difference(other) is None
 
-    def _check_layout(self, other: SparseTensor, name: str) -> None:
-        if not self.same_layout(other):
+    def _layout_difference(self, other: SparseTensor) -> str | None:
+        """None for the same layout, else the first field that differs, as ``"field: other vs self"``.
+
+        Compares batch size, stride, spatial shape, voxel count, device, then the coordinates (the
+        first differing row; one host sync, only when they differ).
+        """
+        for field in ("batch_size", "stride", "spatial_shape", "num_voxels"):
+            mine, theirs = getattr(self, field), getattr(other, field)
+            if mine != theirs:
+                return f"{field} {theirs} vs {mine}"
+        if self.coords is other.coords:
+            return None
+        if self.coords.device != other.coords.device:
+            return f"device {other.coords.device} vs {self.coords.device}"
+        if torch.equal(self.coords, other.coords):
+            return None
+        row = int((self.coords != other.coords).any(dim=1).nonzero()[0])
+        return f"coords at row {row}: {other.coords[row].tolist()} vs {self.coords[row].tolist()}"
+
+    def _check_layout(self, other: SparseTensor, name: str, reference: str = "self") -> None:
+        difference = self._layout_difference(other)
+        if difference is not None:
             raise ValueError(
-                f"{name}: expected a SparseTensor with the same layout (coords, batch_size, stride), got "
-                f"{other!r} vs {self!r}"
+                f"{name}: expected a SparseTensor with the same layout as {reference} (coords, batch_size, "
+                f"stride, spatial_shape), got {difference} ({name} vs {reference})"
             )
 
     def _operand(self, other: Any) -> Any:

@@ -178,6 +178,107 @@ def test_varlen_max_seqlen_skips_sync_and_agrees():
         torch.testing.assert_close(out, loop_attention(query, key, value, offsets, offsets))
 
 
+# ---------------------------------------------------------------------------------------------- isolation
+
+POISONS = [
+    ("query", math.nan),
+    ("key", math.nan),
+    ("key", math.inf),
+    ("key", -math.inf),
+    ("value", math.nan),
+    ("value", math.inf),
+    ("value", -math.inf),
+]
+
+
+def _forward_backward(backend, tensors, offsets_q, offsets_kv, grad_out):
+    inputs = [t.detach().clone().requires_grad_(True) for t in tensors]
+    out = varlen_attention(*inputs, offsets_q, offsets_kv, backend=backend)
+    return out.detach(), [g.detach() for g in torch.autograd.grad(out, inputs, grad_out)]
+
+
+def check_isolation(backend, lengths_q, lengths_kv, poisoned, device, dtype, bitwise_grads=True):
+    """Poisons one row of sample ``poisoned`` (NaN / Inf in its query, key or value): the outputs of the
+    other samples stay bitwise equal, and so do the gradients reaching their rows (from a loss on them)."""
+    generator = torch.Generator().manual_seed(0)
+    offsets_q, offsets_kv = offsets_of(lengths_q).to(device), offsets_of(lengths_kv).to(device)
+    tensors = [
+        packed(lengths, 2, 16, generator, dtype=torch.float32).to(device=device, dtype=dtype)
+        for lengths in (lengths_q, lengths_kv, lengths_kv)
+    ]
+    rows = {"query": offsets_q, "key": offsets_kv, "value": offsets_kv}
+    clean_q = torch.ones(sum(lengths_q), dtype=torch.bool, device=device)
+    clean_q[offsets_q[poisoned] : offsets_q[poisoned + 1]] = False
+    clean_kv = torch.ones(sum(lengths_kv), dtype=torch.bool, device=device)
+    clean_kv[offsets_kv[poisoned] : offsets_kv[poisoned + 1]] = False
+    grad_out = torch.randn(sum(lengths_q), 2, 16, generator=generator).to(device=device, dtype=dtype)
+    grad_out[~clean_q] = 0  # the loss only sees the clean samples
+    expected, expected_grads = _forward_backward(backend, tensors, offsets_q, offsets_kv, grad_out)
+    assert expected.isfinite().all()
+    for name, value in POISONS:
+        index = ("query", "key", "value").index(name)
+        poisoned_tensors = [t.clone() for t in tensors]
+        first = int(rows[name][poisoned])
+        poisoned_tensors[index][first + 1, 1, 3] = value  # one entry of one row of the poisoned sample
+        out, grads = _forward_backward(backend, poisoned_tensors, offsets_q, offsets_kv, grad_out)
+        assert torch.equal(out[clean_q], expected[clean_q]), (name, value)
+        for grad, expected_grad, clean in zip(
+            grads, expected_grads, (clean_q, clean_kv, clean_kv), strict=True
+        ):
+            if bitwise_grads:
+                assert torch.equal(grad[clean], expected_grad[clean]), (name, value)
+            else:  # some CUDA backward kernels accumulate with atomics: equal up to rounding, never NaN
+                torch.testing.assert_close(grad[clean], expected_grad[clean], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", [*CPU_BACKENDS, "sdpa"])
+def test_backends_isolate_samples(backend):
+    if backend == "sdpa":  # equal lengths only
+        check_isolation(backend, [4, 4, 4], [5, 5, 5], 1, "cpu", torch.float32)
+        return
+    # sample 2 has keys but no queries, sample 3 queries but no keys
+    check_isolation(backend, [3, 5, 0, 4, 2], [4, 6, 2, 0, 3], 1, "cpu", torch.float32)
+    check_isolation(backend, [3, 5, 2], [2, 6, 3], 0, "cpu", torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_padding_never_wins_over_very_low_real_scores(backend, dtype):
+    """Real keys whose scores are far below any finite padding score still get all the weight: sample 0
+    (fewer keys than the longest sample) scores q.k * scale = -8000 (fp16) or -1.4e6 (fp32)."""
+    lengths_q, lengths_kv = [3, 4], [2, 6]
+    offsets_q, offsets_kv = offsets_of(lengths_q), offsets_of(lengths_kv)
+    magnitude = (50.0, 40.0) if dtype == torch.float16 else (300.0, 300.0)
+    generator = torch.Generator().manual_seed(0)
+    query = torch.full((7, 2, 16), magnitude[0]) + torch.rand(7, 2, 16, generator=generator)
+    key = torch.full((8, 2, 16), -magnitude[1]) + torch.rand(8, 2, 16, generator=generator)
+    value = torch.randn(8, 2, 16, generator=generator)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    out = varlen_attention(query, key, value, offsets_q, offsets_kv, backend=backend)
+    expected = loop_attention(query.double(), key.double(), value.double(), offsets_q, offsets_kv)
+    # Scores near -1e6 carry float32 rounding of ~0.1 (fp16: ~4 near -8000), hence the loose bounds;
+    # padding winning would give outputs near 0 instead of (nearly) one value row.
+    torch.testing.assert_close(out.double(), expected, atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_joint_attention_isolates_samples(backend):
+    generator = torch.Generator().manual_seed(0)
+    lengths_a, lengths_b = [2, 3, 1], [4, 2, 5]
+    offsets_a, offsets_b = offsets_of(lengths_a), offsets_of(lengths_b)
+    tensors_a = [packed(lengths_a, 2, 8, generator) for _ in range(3)]
+    tensors_b = [packed(lengths_b, 2, 8, generator) for _ in range(3)]
+    expected = joint_attention(*tensors_a, offsets_a, *tensors_b, offsets_b, backend=backend)
+    for index in range(3):  # query, key, value of modality b, sample 1
+        poisoned = [t.clone() for t in tensors_b]
+        poisoned[index][int(offsets_b[1])] = math.nan
+        out = joint_attention(*tensors_a, offsets_a, *poisoned, offsets_b, backend=backend)
+        for got, want, offsets in zip(out, expected, (offsets_a, offsets_b), strict=True):
+            clean = torch.ones(got.shape[0], dtype=torch.bool)
+            clean[offsets[1] : offsets[2]] = False
+            assert torch.equal(got[clean], want[clean]), index
+
+
 # ---------------------------------------------------------------------------------------------- joint
 
 
@@ -562,6 +663,39 @@ def test_gpu_backends_agree_with_reference_bf16(backend):
     torch.testing.assert_close(out.float(), expected.float(), atol=2e-3, rtol=2e-2)
     for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad.float(), expected_grad.float(), atol=1e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend", [*GPU_BACKENDS, "sdpa"])
+def test_gpu_backends_isolate_samples(backend, dtype):
+    """As test_backends_isolate_samples, on CUDA: outputs bitwise, gradients up to atomics' rounding."""
+    if backend not in available_backends("cuda", dtype) and backend not in ("auto", "sdpa"):
+        pytest.skip(f"{backend} not available for {dtype}")
+    if backend == "sdpa":
+        check_isolation(backend, [64, 64, 64], [80, 80, 80], 1, "cuda", dtype, bitwise_grads=False)
+        return
+    lengths_q, lengths_kv = [37, 130, 0, 64, 200], [50, 129, 3, 0, 255]  # ragged, block boundaries shared
+    check_isolation(backend, lengths_q, lengths_kv, 1, "cuda", dtype, bitwise_grads=False)
+    check_isolation(backend, lengths_q, lengths_kv, 4, "cuda", dtype, bitwise_grads=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_padding_never_wins_over_very_low_real_scores(backend, dtype):
+    if backend not in available_backends("cuda", dtype) and backend != "auto":
+        pytest.skip(f"{backend} not available for {dtype}")
+    lengths_q, lengths_kv = [3, 40], [2, 70]
+    offsets_q, offsets_kv = offsets_of(lengths_q).cuda(), offsets_of(lengths_kv).cuda()
+    generator = torch.Generator().manual_seed(0)
+    query = torch.full((43, 2, 16), 50.0) + torch.rand(43, 2, 16, generator=generator)
+    key = torch.full((72, 2, 16), -40.0) + torch.rand(72, 2, 16, generator=generator)
+    value = torch.randn(72, 2, 16, generator=generator)
+    query, key, value = (t.to(device="cuda", dtype=dtype) for t in (query, key, value))
+    out = varlen_attention(query, key, value, offsets_q, offsets_kv, backend=backend)
+    expected = loop_attention(query.double(), key.double(), value.double(), offsets_q, offsets_kv)
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.gpu

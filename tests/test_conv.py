@@ -20,9 +20,13 @@ from sparse3d.functional import (
     kernel_offsets,
     sparse_conv3d,
     weight_from_dense,
+    weight_from_minkowski,
+    weight_from_spconv,
     weight_to_dense,
+    weight_to_minkowski,
+    weight_to_spconv,
 )
-from sparse3d.functional.coords import _triple
+from sparse3d.functional.coords import _triple, pack_keys
 from sparse3d.kernels import available_backends, current_backend, use_backend
 from sparse3d.nn import SparseConv3d
 from tests.strategies import layouts, sparse_tensors
@@ -83,7 +87,9 @@ def _random_params(c_in: int, c_out: int, kernel_size: int, seed: int, dtype=tor
     return weight, bias
 
 
-def _check_against_dense(x, weight, bias, kernel_size, stride, dilation, transposed, out_layout=None):
+def _check_against_dense(
+    x, weight, bias, kernel_size, stride, dilation, transposed, out_layout=None, layout_rule="parents"
+):
     """Forward and backward (feats, weight, bias) of the sparse conv equal the dense reference."""
     feats = x.feats.clone().requires_grad_(True)
     weight = weight.clone().requires_grad_(True)
@@ -98,6 +104,7 @@ def _check_against_dense(x, weight, bias, kernel_size, stride, dilation, transpo
         dilation=dilation,
         transposed=transposed,
         out_layout=out_layout,
+        layout_rule=layout_rule,
     )
     layout = out_layout if out_layout is not None else y
     ref = dense_reference(x, weight, bias, layout, kernel_size, stride, dilation, transposed)
@@ -188,6 +195,137 @@ def test_row_chunking_matches_dense(x, seed, kernel_size, stride, transposed):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(conv_module, "GATHER_CHUNK_ELEMENTS", 16 * 3 * math.prod(_triple(kernel_size, "k")))
         _check_against_dense(x, weight, bias, kernel_size, stride, 1, transposed)
+
+
+def offsets_of_batch(batch: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """int32 ``[B + 1]`` offsets counted from a batch column."""
+    counts = torch.bincount(batch.long(), minlength=batch_size)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]).int()
+
+
+def dense_conv_with_support(x, weight, bias, kernel_size, stride, dilation, transposed):
+    """``F.conv3d`` (or ``F.conv_transpose3d``) with ``padding = d * ((k - 1) // 2)`` of the densified input,
+    its support (cells whose window holds an active input: the dense conv of the occupancy with a kernel of
+    ones is positive) and the output extent."""
+    size, s, d = _triple(kernel_size, "k"), _triple(stride, "s"), _triple(dilation, "d")
+    padding = [dd * ((k - 1) // 2) for k, dd in zip(size, d, strict=True)]
+    occupancy = x.replace(torch.ones(x.num_voxels, 1, dtype=torch.float64)).to_dense()  # [B, 1, X, Y, Z]
+    ones = torch.ones(1, 1, *size, dtype=torch.float64)
+    conv = F.conv_transpose3d if transposed else F.conv3d
+    reach = conv(occupancy, ones, stride=s, padding=padding, dilation=d)[:, 0]  # [B, X', Y', Z']
+    dense_weight = weight_to_dense(weight, size, transposed=transposed)
+    out = conv(x.to_dense(), dense_weight, bias, stride=s, padding=padding, dilation=d)  # [B, C_out, ...]
+    support = reach > 0.5
+    return support.nonzero(), out.permute(0, 2, 3, 4, 1)[support], tuple(out.shape[2:])
+
+
+REACHED_CASES = [
+    # (kernel_size, stride, dilation, transposed)
+    (3, 2, 1, False),  # spconv's SparseConv3d(k=3, s=2, p=1)
+    (3, 1, 1, False),  # full (non-submanifold) conv: the layout dilates
+    (2, 2, 1, False),
+    ((3, 2, 5), (2, 1, 2), (2, 1, 1), False),
+    (3, 2, 1, True),  # spconv's SparseConvTranspose3d(k=3, s=2, p=1)
+    (2, 2, 1, True),
+]
+
+
+@pytest.mark.parametrize(("kernel_size", "stride", "dilation", "transposed"), REACHED_CASES)
+@settings(max_examples=10)
+@given(x=sparse_tensors(max_size=6, max_batch=3), c_out=st.integers(1, 3), seed=st.integers(0, 2**31 - 1))
+def test_reached_layout_matches_dense_conv(x, c_out, seed, kernel_size, stride, dilation, transposed):
+    """layout_rule="reached": the output voxels are the support of the dense convolution (spconv's rule)
+    and the features (and gradients) equal the dense convolution there."""
+    s = _triple(stride, "s")
+    if transposed:
+        x = _with_stride(x, stride)
+    weight, bias = _random_params(x.feats.shape[1], c_out, kernel_size, seed)
+    # Features and gradients at the produced voxels (against the dense reference read at those voxels) ...
+    y = _check_against_dense(
+        x, weight, bias, kernel_size, stride, dilation, transposed, layout_rule="reached"
+    )
+    # ... and the voxels are exactly the support of F.conv3d / F.conv_transpose3d with standard padding.
+    support, expected, shape = dense_conv_with_support(
+        x, weight, bias, kernel_size, stride, dilation, transposed
+    )
+    assert y.spatial_shape == shape
+    assert torch.equal(y.coords, support.int())
+    expected_stride = tuple(a // b if transposed else a * b for a, b in zip(x.stride, s, strict=True))
+    assert y.stride == expected_stride
+    SparseTensor(y.coords, y.feats, batch_size=y.batch_size, spatial_shape=y.spatial_shape)  # validates
+    assert torch.equal(y.offsets, offsets_of_batch(y.coords[:, 0], y.batch_size))
+    torch.testing.assert_close(y.feats, expected, rtol=1e-10, atol=1e-10)
+
+
+@settings(max_examples=10)
+@given(x=sparse_tensors(max_size=8), seed=st.integers(0, 2**31 - 1))
+def test_reached_layout_extends_parents_with_the_same_features(x, seed):
+    """k = 3, stride 2: the spconv layout holds every parent voxel, with the parents rule's features."""
+    weight, bias = _random_params(x.feats.shape[1], 2, 3, seed)
+    parents = sparse_conv3d(x, weight, bias, stride=2)
+    reached = sparse_conv3d(x, weight, bias, stride=2, layout_rule="reached")
+    assert parents.spatial_shape == reached.spatial_shape and parents.stride == reached.stride
+    table = {tuple(c): i for i, c in enumerate(reached.coords.tolist())}
+    rows = torch.tensor(
+        [table[tuple(c)] for c in parents.coords.tolist()], dtype=torch.long
+    )  # KeyError if absent
+    torch.testing.assert_close(reached.feats[rows], parents.feats, rtol=1e-12, atol=1e-12)
+
+
+def test_layout_rule_module_and_errors():
+    x = _tiny()
+    layer = SparseConv3d(4, 5, kernel_size=3, stride=2, layout_rule="reached")
+    expected = sparse_conv3d(x, layer.weight, layer.bias, stride=2, layout_rule="reached")
+    assert torch.equal(layer(x).coords, expected.coords) and "layout_rule='reached'" in repr(layer)
+    dense = torch.nn.Conv3d(4, 5, kernel_size=3, stride=2, padding=1).double()
+    from_dense = SparseConv3d.from_dense(dense, layout_rule="reached")
+    x64 = x.to(torch.float64)
+    support, expected_feats, _ = dense_conv_with_support(
+        x64, from_dense.weight, from_dense.bias, 3, 2, 1, False
+    )
+    torch.testing.assert_close(
+        from_dense(x64).feats, dense(x64.to_dense()).permute(0, 2, 3, 4, 1)[support.unbind(1)]
+    )
+    torch.testing.assert_close(from_dense(x64).feats, expected_feats)
+    weight = torch.randn(27, 4, 5)
+    with pytest.raises(
+        ValueError, match=r"layout_rule: expected one of \('parents', 'reached'\), got 'spconv'"
+    ):
+        sparse_conv3d(x, weight, stride=2, layout_rule="spconv")
+    with pytest.raises(ValueError, match=r"layout_rule: expected one of \('parents', 'reached'\), got 'all'"):
+        SparseConv3d(4, 5, layout_rule="all")
+    with pytest.raises(ValueError, match=r"layout_rule: out_layout already fixes the output voxels"):
+        sparse_conv3d(x, weight, stride=2, out_layout=conv_output_layout(x, stride=2), layout_rule="reached")
+    flat = SparseTensor(torch.tensor([[0, 0, 1, 1]]), torch.randn(1, 4), spatial_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"kernel_size: the dense output grid .* is empty \(\(0, 3, 3\)\)"):
+        conv_output_layout(flat, layout_rule="reached", kernel_size=2)
+
+
+def test_spconv_and_minkowski_weight_converters():
+    """Round trips, and each converted entry is where the other library's kernel order puts it."""
+    generator = torch.Generator().manual_seed(0)
+    for size in [(3, 3, 3), (3, 2, 1), (2, 2, 2)]:
+        weight = torch.randn(math.prod(size), 3, 4, generator=generator)
+        spconv = weight_to_spconv(weight, size)
+        assert spconv.shape == (4, *size, 3)
+        assert torch.equal(weight_from_spconv(spconv), weight)
+        # spconv KRSC [C_out, kx, ky, kz, C_in] is F.conv3d's [C_out, C_in, kx, ky, kz] with C_in moved last
+        assert torch.equal(spconv, weight_to_dense(weight, size).permute(0, 2, 3, 4, 1))
+        minkowski = weight_to_minkowski(weight, size)
+        assert minkowski.shape == weight.shape
+        assert torch.equal(weight_from_minkowski(minkowski, size), weight)
+        # MinkowskiEngine enumerates offsets with x fastest (its region iterator advances axis 0 first)
+        ranges = [range(-((k - 1) // 2), k - (k - 1) // 2) for k in size]
+        ours = {tuple(o): i for i, o in enumerate(kernel_offsets(size).tolist())}
+        order = [(dx, dy, dz) for dz in ranges[2] for dy in ranges[1] for dx in ranges[0]]
+        for j, offset in enumerate(order):
+            assert torch.equal(minkowski[j], weight[ours[offset]]), (size, offset)
+    with pytest.raises(
+        ValueError, match=r"weight: expected shape \[K=27, C_in, C_out\] for kernel_size=\(3, 3, 3\)"
+    ):
+        weight_to_minkowski(torch.randn(8, 3, 4), 3)
+    with pytest.raises(ValueError, match=r"weight: expected spconv's shape \[C_out, kx, ky, kz, C_in\]"):
+        weight_from_spconv(torch.randn(27, 3, 4))
 
 
 # ---------------------------------------------------------------------------------------------- gradcheck
@@ -524,6 +662,36 @@ def test_gpu_forward_backward_bitwise_deterministic(dtype):
     ref = sparse_conv3d(x64, weight.double(), bias.double()).feats
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
     torch.testing.assert_close(first[0].double(), ref, rtol=tolerance, atol=tolerance * 4)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("kernel_size", "stride"), [(3, 2), (3, 1), (2, 2)])
+def test_gpu_reached_layout_matches_spconv_sparse_conv3d(kernel_size, stride):
+    """layout_rule="reached" against spconv's (or spconv-triton's) regular SparseConv3d, when installed."""
+    if "spconv" not in available_backends():
+        pytest.skip("spconv / spconv_triton not installed")
+    from sparse3d.kernels.spconv import import_spconv
+
+    spconv = import_spconv()
+    device = torch.device("cuda")
+    coords = _surface_layout(device, size=32)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = SparseTensor(
+        coords, torch.randn(coords.shape[0], 8, device=device, generator=generator), spatial_shape=32
+    )
+    weight = torch.randn(kernel_size**3, 8, 16, device=device, generator=generator) / 10
+    bias = torch.randn(16, device=device, generator=generator)
+    ours = sparse_conv3d(x, weight, bias, kernel_size=kernel_size, stride=stride, layout_rule="reached")
+    module = spconv.SparseConv3d(8, 16, kernel_size, stride=stride, padding=(kernel_size - 1) // 2, bias=True)
+    module = module.to(device)
+    with torch.no_grad():
+        module.weight.copy_(weight_to_spconv(weight, kernel_size))
+        module.bias.copy_(bias)
+    theirs = module(spconv.SparseConvTensor(x.feats, x.coords, list(x.spatial_shape), x.batch_size))
+    assert list(theirs.spatial_shape) == list(ours.spatial_shape)
+    order = torch.argsort(pack_keys(theirs.indices.int()))
+    assert torch.equal(theirs.indices.int()[order], ours.coords)
+    torch.testing.assert_close(theirs.features[order], ours.feats, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ from sparse3d.gaussians import (
     decoder_tiny,
     kl_divergence,
     render,
+    vae_paper,
     vae_tiny,
 )
 from sparse3d.gaussians.decoder import axial_split, hammersley_points
@@ -106,6 +107,43 @@ def test_paper_size():
     count = sum(p.numel() for p in decoder.parameters())
     assert 84e6 < count < 87e6  # the paper's "85 M"
     assert decoder.config.head.out_channels == 448  # TRELLIS's output width at K = 32, degree 0
+
+
+@pytest.mark.parametrize("kind", ["decoder", "vae"])
+def test_models_build_on_meta_and_materialise(kind):
+    """Paper-size models instantiate lazily on ``meta``; a tiny one materialised with ``to_empty`` +
+    ``load_state_dict`` (or ``assign=True``) decodes exactly like the eagerly built model."""
+    build, paper, tiny = (
+        (GaussianDecoder, decoder_paper, decoder_tiny)
+        if kind == "decoder"
+        else (SparseVAE, vae_paper, vae_tiny)
+    )
+    with torch.device("meta"):
+        lazy = build(paper())
+    assert {t.device.type for t in [*lazy.parameters(), *lazy.buffers()]} == {"meta"}
+    if kind == "decoder":
+        assert 84e6 < sum(p.numel() for p in lazy.parameters()) < 87e6  # as test_paper_size, built eagerly
+
+    x, _, _ = tiny_scene()
+    x = x.replace(torch.randn(x.num_voxels, 16, generator=torch.Generator().manual_seed(0)))
+    torch.manual_seed(0)
+    eager = build(tiny(resolution=RESOLUTION))
+    with torch.no_grad():
+        head = eager.head if kind == "decoder" else eager.decoder.head
+        head.linear.weight.normal_(0.0, 0.2)
+    with torch.device("meta"):
+        emptied, assigned = build(tiny(resolution=RESOLUTION)), build(tiny(resolution=RESOLUTION))
+    emptied.to_empty(device="cpu").load_state_dict(eager.state_dict(), strict=True)
+    assigned.load_state_dict(eager.state_dict(), strict=True, assign=True)
+
+    def run(model):
+        return model(x) if kind == "decoder" else model(x, sample_posterior=False).gaussians
+
+    expected = run(eager)
+    for model in (emptied, assigned):
+        gaussians = run(model)
+        for name in ("means", "quats", "scales", "opacities", "sh"):
+            assert torch.equal(getattr(gaussians, name), getattr(expected, name)), name
 
 
 # ------------------------------------------------------------------------------------------ head

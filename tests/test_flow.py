@@ -98,6 +98,20 @@ def _diffusers_trajectory(scheduler, x, sigmas_in, mu=None):
     return scheduler.sigmas.clone(), states
 
 
+def _flux_scheduler(kind):
+    """diffusers' FlowMatchEulerDiscreteScheduler with FLUX's dynamic shift (mu given per call)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+        time_shift_type=kind,
+    )
+
+
 def _our_trajectory(x, grid):
     states = []
     out = solve(toy_velocity, x, grid, callback=lambda info: states.append(info.x_next))
@@ -125,16 +139,8 @@ def test_euler_matches_diffusers_static_shift(num_steps, shift):
 @pytest.mark.parametrize("kind", ["exponential", "linear"])
 @pytest.mark.parametrize("num_tokens", [256, 1000, 4096, 8192])
 def test_euler_matches_diffusers_dynamic_shift(kind, num_tokens):
-    from diffusers import FlowMatchEulerDiscreteScheduler
 
-    scheduler = FlowMatchEulerDiscreteScheduler(
-        use_dynamic_shifting=True,
-        base_shift=0.5,
-        max_shift=1.15,
-        base_image_seq_len=256,
-        max_image_seq_len=4096,
-        time_shift_type=kind,
-    )
+    scheduler = _flux_scheduler(kind)
     num_steps = 8
     mu = linear_mu(num_tokens)
     x = torch.randn(2, 6, generator=torch.Generator().manual_seed(1))
@@ -145,6 +151,71 @@ def test_euler_matches_diffusers_dynamic_shift(kind, num_tokens):
     torch.testing.assert_close(grid, reference_sigmas, atol=1e-6, rtol=0)
     for step, (a, b) in enumerate(zip(_our_trajectory(x, grid), reference, strict=True)):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"step {step}")
+
+
+def test_per_sample_mu_gives_one_grid_per_sample():
+    mu = torch.tensor([0.3, 1.15, -0.2, 2.0])
+    for kind in ("exponential", "linear"):
+        mu_kind = mu.abs() + 0.1 if kind == "linear" else mu
+        grids = time_grid(6, mu=mu_kind, kind=kind, dtype=torch.float64)
+        assert grids.shape == (4, 7)
+        for b in range(4):  # row b is the grid of sample b alone, bitwise
+            assert torch.equal(grids[b], time_grid(6, mu=float(mu_kind[b]), kind=kind, dtype=torch.float64))
+    assert torch.equal(time_grid(6, mu=torch.tensor(0.7)), time_grid(6, mu=0.7))  # 0-d: one grid
+    assert torch.equal(time_grid(6, mu=np.float32(0.5)), time_grid(6, mu=0.5))
+
+
+@pytest.mark.parametrize("method", ["euler", "heun", "midpoint"])
+def test_ragged_batch_with_per_sample_mu_equals_per_sample_solves_and_diffusers(method):
+    """One solve over a ragged SparseTensor batch with mu = linear_mu(counts) per sample equals a solve of
+    each sample alone on its own grid, and (Euler) diffusers' dynamic-shift scheduler run per sample."""
+    generator = torch.Generator().manual_seed(3)
+    coords = [
+        (torch.rand(16, 16, 16, generator=generator) < density).nonzero() for density in (0.02, 0.3, 0.6)
+    ]
+    feats = [torch.randn(c.shape[0], 5, generator=generator) for c in coords]
+    x_init = SparseTensor.from_list(coords, feats, spatial_shape=16)
+    mu = linear_mu(x_init.counts)  # [3]: 0.4.., 0.7.., 1.1..
+    assert len(set(mu.tolist())) == 3
+    num_steps = 8
+    grids = time_grid(num_steps, mu=mu)  # [3, 9]
+    out = solve(toy_velocity, x_init, grids, method=method)
+    assert torch.equal(out.times, grids) and out.sample.same_layout(x_init)
+    per_sample_feats = out.sample.feats.split(x_init.counts.tolist())
+    for b in range(3):
+        alone = solve(toy_velocity, x_init.select([b]), time_grid(num_steps, mu=float(mu[b])), method=method)
+        assert torch.equal(per_sample_feats[b], alone.sample.feats), b
+    if method != "euler":
+        return
+    scheduler = _flux_scheduler("exponential")
+    sigmas_in = np.linspace(1.0, 1.0 / num_steps, num_steps)
+    for b in range(3):
+        reference_sigmas, states = _diffusers_trajectory(scheduler, feats[b], sigmas_in, mu=float(mu[b]))
+        torch.testing.assert_close(grids[b], reference_sigmas, atol=1e-6, rtol=0)
+        torch.testing.assert_close(per_sample_feats[b], states[-1], atol=1e-5, rtol=1e-5)
+
+
+def test_generate_with_guidance_on_per_sample_grids():
+    """generate + CFG with an interval: each sample follows its own grid and its own guidance rule."""
+    coords = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0]])
+    template = SparseTensor(coords, torch.zeros(4, 3))
+    image = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    cfg = ClassifierFreeGuidance(
+        CountingModel(), 3.0, {"image": image}, {"image": torch.zeros(2, 3)}, interval=(0.5, 1.0)
+    )
+    mu = torch.tensor([0.2, 1.5])
+    out = generate(cfg, template, time_grid(6, mu=mu), generator=torch.Generator().manual_seed(1))
+    start = noise_like(template, generator=torch.Generator().manual_seed(1))
+    for b in range(2):
+        cfg_b = ClassifierFreeGuidance(
+            CountingModel(),
+            3.0,
+            {"image": image[b : b + 1]},
+            {"image": torch.zeros(1, 3)},
+            interval=(0.5, 1.0),
+        )
+        alone = solve(cfg_b, start.select([b]), time_grid(6, mu=float(mu[b])))
+        torch.testing.assert_close(out.sample.select([b]).feats, alone.sample.feats, atol=1e-6, rtol=1e-6)
 
 
 def test_linear_mu_is_flux_line():
@@ -617,9 +688,10 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="sigma_min"):
         LinearPath(sigma_min=1.0)
     coords = torch.tensor([[0, 0, 0, 0], [1, 0, 0, 0]])
-    sparse = SparseTensor(coords, torch.randn(2, 3))
-    other = SparseTensor(coords + torch.tensor([0, 1, 0, 0]), torch.randn(2, 3))
-    with pytest.raises(ValueError, match="noise: expected the layout of x0"):
+    sparse = SparseTensor(coords, torch.randn(2, 3), spatial_shape=2)
+    other = SparseTensor(coords + torch.tensor([0, 1, 0, 0]), torch.randn(2, 3), spatial_shape=2)
+    moved = r"noise: expected a SparseTensor with the same layout as x0 .*, got coords at row 0: \[0, 1, 0"
+    with pytest.raises(ValueError, match=moved):
         path.sample(sparse, torch.rand(2), noise=other)
     kwargs = {"condition": {"image": x0}, "null_condition": {"image": x0}}
     for interval in [(0.6, 0.4), (-0.1, 0.5), (0.2, 1.2), (0.5,)]:
@@ -643,6 +715,26 @@ def test_bad_input_errors():
         flow_matching_loss(x0, x0, weights=torch.ones(2))
     with pytest.raises(ValueError, match="shift and mu"):
         time_grid(4, shift=3.0, mu=1.0)
+    with pytest.raises(ValueError, match="shift and mu"):
+        time_grid(4, shift=3.0, mu=torch.ones(2))
+    for wrong in ("1.0", [0.5, 1.0], True, object()):
+        with pytest.raises(
+            TypeError, match=r"mu: expected a float or a tensor \[B\] \(one per sample\), got"
+        ):
+            time_grid(4, mu=wrong)
+    with pytest.raises(TypeError, match=r"mu: expected a float or a real tensor \[B\].*shape \[2, 2\]"):
+        time_grid(4, mu=torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"mu: expected finite values"):
+        time_grid(4, mu=torch.tensor([0.5, float("nan")]))
+    with pytest.raises(ValueError, match=r"mu: expected positive values for kind='linear'"):
+        time_grid(4, mu=torch.tensor([0.5, -1.0]), kind="linear")
+    with pytest.raises(
+        ValueError, match=r"times: expected one grid per sample, shape \[B, S \+ 1\] with B=3"
+    ):
+        solve(toy_velocity, x0, time_grid(4, mu=torch.ones(2)))
+    rows = torch.stack([time_grid(2), time_grid(2), torch.tensor([1.0, 0.2, 0.5])])
+    with pytest.raises(ValueError, match=r"times: expected a strictly monotone grid \(each row\)"):
+        solve(toy_velocity, x0, rows)
     with pytest.raises(ValueError, match="num_steps"):
         time_grid(0)
     with pytest.raises(ValueError, match="probability"):

@@ -147,3 +147,60 @@ def test_turntable_frames_match_renders_and_files(tmp_path):
     assert written.shape == (2, 12, 12, 3)
     with pytest.raises(ValueError, match="must end in"):
         save_turntable(gaussians, tmp_path / "t.webm", num_views=2)
+
+
+_VERTEX = "element vertex 1\n" + "".join(f"property float {name}\n" for name in ply_property_names(0))
+_ROW = bytes(4 * len(ply_property_names(0)))
+
+
+_BROKEN_FILES = [
+    ("obj\n", b"", "not a PLY file"),
+    ("ply\nformat binary_little_endian 1.0\n", b"", "no 'end_header' line"),
+    ("ply\nformat binary_little_endian 1.0\nproperty float x\nend_header\n", b"", "before any element"),
+    ("ply\nformat binary_little_endian 1.0\nelement vertex\nend_header\n", b"", "unexpected header line"),
+    (
+        "ply\nformat binary_little_endian 1.0\nelement vertex 1\nproperty half x\nend_header\n",
+        b"",
+        "type",
+    ),
+    (
+        "ply\nformat binary_little_endian 1.0\nelement face 1\nproperty list uchar int v\nend_header\n",
+        b"",
+        "list property",
+    ),
+    ("ply\nformat ascii 1.0\n" + _VERTEX + "end_header\n", b"", "only binary PLY"),
+    ("ply\nformat binary_little_endian 1.0\nelement face 0\nend_header\n", b"", "must be 'vertex'"),
+    (
+        "ply\nformat binary_little_endian 1.0\n" + _VERTEX + "element face 0\nend_header\n",
+        _ROW,
+        "besides 'vertex'",
+    ),
+    ("ply\nformat binary_little_endian 1.0\n" + _VERTEX + "end_header\n", _ROW[:-1], "bytes, expected"),
+    (
+        "ply\nformat binary_little_endian 1.0\n" + _VERTEX + "property float f_rest_0\nend_header\n",
+        _ROW + bytes(4),
+        "f_rest fields",
+    ),
+    (
+        "ply\nformat binary_little_endian 1.0\nelement vertex 0\nproperty float x\nend_header\n",
+        b"",
+        "lacks",
+    ),
+    (
+        "ply\nformat binary_little_endian 1.0\n" + _VERTEX + "property float extra\nend_header\n",
+        _ROW + bytes(4),
+        "non-3DGS properties",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("header", "data", "problem"), [pytest.param(*case, id=case[2]) for case in _BROKEN_FILES]
+)
+def test_load_ply_errors_name_the_file(tmp_path, header, data, problem):
+    path = tmp_path / "broken_asset.ply"
+    path.write_bytes(header.encode("ascii") + data)
+    with pytest.raises(
+        ValueError, match=rf"path: expected a binary 3DGS PLY file, got '.*broken_asset.ply': .*{problem}"
+    ):
+        load_ply(path)

@@ -193,9 +193,13 @@ def test_cat_channels(x, extra):
 
 
 def test_cat_channels_layout_error():
-    x = SparseTensor(torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]]), torch.zeros(2, 1))
-    other = SparseTensor(torch.tensor([[0, 0, 0, 0], [0, 0, 1, 0]]), torch.zeros(2, 1))
-    with pytest.raises(ValueError, match=r"others\[0\]: expected a SparseTensor with the same layout"):
+    x = SparseTensor(torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0]]), torch.zeros(2, 1), spatial_shape=2)
+    other = SparseTensor(torch.tensor([[0, 0, 0, 0], [0, 0, 1, 0]]), torch.zeros(2, 1), spatial_shape=2)
+    with pytest.raises(
+        ValueError,
+        match=r"others\[0\]: expected a SparseTensor with the same layout as self .*, got coords at row 1: "
+        r"\[0, 0, 1, 0\] vs \[0, 1, 0, 0\] \(others\[0\] vs self\)",
+    ):
         x.cat_channels(other)
 
 
@@ -228,16 +232,24 @@ def test_arithmetic_matches_feature_arithmetic(x, scalar):
 
 def test_arithmetic_errors():
     coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0]])
-    x = SparseTensor(coords, torch.ones(3, 2))
-    moved = SparseTensor(coords + torch.tensor([0, 0, 1, 0]), torch.ones(3, 2))
-    with pytest.raises(ValueError, match=r"other: expected a SparseTensor with the same layout"):
+    x = SparseTensor(coords, torch.ones(3, 2), spatial_shape=(2, 2, 1))
+    moved = SparseTensor(coords + torch.tensor([0, 0, 1, 0]), torch.ones(3, 2), spatial_shape=(2, 2, 1))
+    # The message names the field that differs (the two reprs alone can be identical).
+    same_layout = r"other: expected a SparseTensor with the same layout as self .*, got "
+    with pytest.raises(ValueError, match=same_layout + r"coords at row 0: \[0, 0, 1, 0\] vs \[0, 0, 0, 0\]"):
         x + moved
     more_samples = SparseTensor(coords, torch.ones(3, 2), batch_size=3)
-    with pytest.raises(ValueError, match=r"other: expected a SparseTensor with the same layout"):
+    with pytest.raises(ValueError, match=same_layout + r"batch_size 3 vs 2"):
         x * more_samples
     larger_grid = SparseTensor(coords, torch.ones(3, 2), spatial_shape=8)  # same rows, another grid
-    with pytest.raises(ValueError, match=r"other: expected a SparseTensor with the same layout"):
+    with pytest.raises(ValueError, match=same_layout + r"spatial_shape \(8, 8, 8\) vs \(2, 2, 1\)"):
         x + larger_grid
+    coarser = SparseTensor(coords, torch.ones(3, 2), spatial_shape=(2, 2, 1), stride=2)
+    with pytest.raises(ValueError, match=same_layout + r"stride \(2, 2, 2\) vs \(1, 1, 1\)"):
+        x + coarser
+    fewer = SparseTensor(coords[:2], torch.ones(2, 2), batch_size=2, spatial_shape=(2, 2, 1))
+    with pytest.raises(ValueError, match=same_layout + r"num_voxels 2 vs 3"):
+        x + fewer
     with pytest.raises(TypeError, match=r"other: expected feats dtype torch.float32, got torch.float64"):
         x - x.to(torch.float64)
     with pytest.raises(ValueError, match=r"other: expected device cpu, got meta"):
@@ -340,6 +352,49 @@ def test_load_rejects_other_files(tmp_path):
         ValueError, match=r"path: expected a sparse3d.SparseTensor .safetensors file, got .*garbage"
     ):
         SparseTensor.load(garbage)
+
+
+# ---------------------------------------------------------------------------- integer dtypes
+
+INTEGER_DTYPES = [
+    torch.int8,
+    torch.uint8,
+    torch.int16,
+    torch.uint16,
+    torch.int32,
+    torch.uint32,
+    torch.int64,
+    torch.uint64,
+]
+
+
+@given(sparse_tensors(channels=1), st.sampled_from(INTEGER_DTYPES))
+def test_every_integer_dtype_gives_the_int64_layout(x, dtype):
+    """Coordinates of any integer dtype build the same tensor as int64 ones (values fit every dtype)."""
+    wide = x.coords.long()
+    narrow = SparseTensor(wide.to(dtype), x.feats, batch_size=x.batch_size)  # spatial_shape inferred
+    reference = SparseTensor(wide, x.feats, batch_size=x.batch_size)
+    assert narrow.coords.dtype == torch.int32 and torch.equal(narrow.coords, reference.coords)
+    assert narrow.spatial_shape == reference.spatial_shape and torch.equal(narrow.offsets, reference.offsets)
+    coords, feats = x.to_list()
+    packed = SparseTensor.from_list([c.to(dtype) for c in coords], feats)
+    assert torch.equal(packed.coords, SparseTensor.from_list(coords, feats).coords)
+
+
+@given(st.sampled_from(INTEGER_DTYPES), st.integers(-(2**40), 2**40), st.integers(1, 3))
+def test_integer_dtype_range_check_is_true(dtype, value, axis):
+    """Accepted iff 0 <= value < 2^15, for every dtype that can hold the value; the error quotes it."""
+    info = torch.iinfo(dtype)
+    value = min(max(value, info.min), info.max)  # a value this dtype can hold
+    coords = torch.zeros(1, 4, dtype=torch.int64)
+    coords[0, axis] = value
+    coords = coords.to(dtype)
+    if 0 <= value < 2**15:
+        x = SparseTensor(coords, torch.zeros(1, 1))
+        assert x.coords[0, axis].item() == value and x.spatial_shape[axis - 1] == value + 1
+    else:
+        with pytest.raises(ValueError, match=rf"coords: expected .*, got \[[0, ]*{value}[, 0]*\] at row 0"):
+            SparseTensor(coords, torch.zeros(1, 1), spatial_shape=2**15)
 
 
 # ---------------------------------------------------------------------------- input errors

@@ -44,11 +44,7 @@ def _check_same_structure(reference: FlowTensor, other: object, reference_name: 
             raise TypeError(
                 f"{name}: expected a SparseTensor like {reference_name}, got {type(other).__name__}"
             )
-        if not reference.same_layout(other):
-            raise ValueError(
-                f"{name}: expected the layout of {reference_name} (same coords, batch_size, stride), got "
-                f"{other!r} vs {reference!r}"
-            )
+        reference._check_layout(other, name, reference_name)
     elif not isinstance(other, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor like {reference_name}, got {type(other).__name__}")
     if _values(other).shape != _values(reference).shape:

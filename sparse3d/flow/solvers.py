@@ -18,6 +18,7 @@ from sparse3d.flow.path import (
     _like,
     _values,
     batch_size_of,
+    expand_time,
     noise_like,
 )
 
@@ -53,8 +54,8 @@ class StepInfo:
     Attributes:
         step: Index of the step, ``0 .. num_steps - 1``.
         num_steps: Number of steps ``S``.
-        t: Time at the start of the step (0-d tensor).
-        t_next: Time at the end of the step (0-d tensor).
+        t: Time at the start of the step: a 0-d tensor, or ``[B]`` for per-sample grids.
+        t_next: Time at the end of the step (0-d or ``[B]``).
         x: State at ``t``.
         x_next: State at ``t_next``.
         velocity: Velocity evaluated at ``(x, t)`` (the first evaluation of the step).
@@ -75,7 +76,7 @@ class SolverOutput:
 
     Attributes:
         sample: State at the last grid time (data, for a grid ending at 0).
-        times: The grid ``[S + 1]`` that was used.
+        times: The grid that was used, ``[S + 1]`` or ``[B, S + 1]`` (one row per sample).
         num_evaluations: Number of velocity calls (S for Euler, 2S for Heun and midpoint).
         trajectory: States at every grid time (``S + 1`` entries, the first is ``x_init``) when
             requested, else None.
@@ -97,9 +98,14 @@ def _evaluate(
 
 
 def _advance(x: FlowTensor, direction: FlowTensor, step: torch.Tensor) -> FlowTensor:
-    """``x + step * direction`` in float32 or wider, cast back to ``x``'s dtype."""
+    """``x + step * direction`` in float32 or wider, cast back to ``x``'s dtype.
+
+    ``step`` is 0-d (one grid) or ``[B]`` (per-sample grids, broadcast to each sample's rows).
+    """
     values = _values(x)
     compute = torch.promote_types(values.dtype, torch.float32)
+    if step.dim() == 1:
+        step = expand_time(step, x)  # [B] -> [B or N, 1, ..., 1]
     out = values.to(compute) + step.to(compute) * _values(direction).to(compute)
     return _like(x, out.to(values.dtype))
 
@@ -116,8 +122,8 @@ def euler_step(
     Args:
         velocity: The model (see [`VelocityField`][sparse3d.flow.VelocityField]).
         x: State at ``t``, dense ``[B, ...]`` or SparseTensor.
-        t: Current time, a 0-d tensor on ``x``'s device.
-        t_next: Next time, a 0-d tensor.
+        t: Current time, a 0-d tensor on ``x``'s device, or ``[B]`` (one per sample).
+        t_next: Next time, of ``t``'s shape.
         condition: Keyword arguments for the model.
 
     Returns:
@@ -142,8 +148,8 @@ def heun_step(
     Args:
         velocity: The model.
         x: State at ``t``.
-        t: Current time (0-d tensor).
-        t_next: Next time (0-d tensor).
+        t: Current time (0-d tensor, or ``[B]`` for per-sample grids).
+        t_next: Next time, of ``t``'s shape.
         condition: Keyword arguments for the model.
 
     Returns:
@@ -172,8 +178,8 @@ def midpoint_step(
     Args:
         velocity: The model.
         x: State at ``t``.
-        t: Current time (0-d tensor).
-        t_next: Next time (0-d tensor).
+        t: Current time (0-d tensor, or ``[B]`` for per-sample grids).
+        t_next: Next time, of ``t``'s shape.
         condition: Keyword arguments for the model.
 
     Returns:
@@ -194,19 +200,27 @@ _STEPS: dict[str, tuple[Callable[..., tuple[FlowTensor, FlowTensor]], int]] = {
 }
 
 
-def _check_grid(times: object) -> torch.Tensor:
+def _check_grid(times: object, batch_size: int) -> torch.Tensor:
+    """Validates a grid ``[S + 1]`` or per-sample grids ``[B, S + 1]`` (one host sync)."""
     if not isinstance(times, torch.Tensor) or not times.dtype.is_floating_point:
-        raise TypeError(f"times: expected a floating-point tensor [S + 1], got {type(times).__name__}")
-    if times.dim() != 1 or times.shape[0] < 2:
-        raise ValueError(f"times: expected shape [S + 1] with S >= 1 steps, got {list(times.shape)}")
-    diffs = times.diff()
-    checks = torch.stack(
-        [((times < 0) | (times > 1) | times.isnan()).any(), ~((diffs < 0).all() | (diffs > 0).all())]
-    ).tolist()
+        kind = f"a {times.dtype} tensor" if isinstance(times, torch.Tensor) else type(times).__name__
+        raise TypeError(f"times: expected a floating-point tensor [S + 1] or [B, S + 1], got {kind}")
+    if times.dim() not in (1, 2) or times.shape[-1] < 2:
+        raise ValueError(
+            f"times: expected shape [S + 1] or [B, S + 1] with S >= 1 steps, got {list(times.shape)}"
+        )
+    if times.dim() == 2 and times.shape[0] != batch_size:
+        raise ValueError(
+            f"times: expected one grid per sample, shape [B, S + 1] with B={batch_size}, got "
+            f"{list(times.shape)}"
+        )
+    diffs = times.diff(dim=-1)
+    monotone = (diffs < 0).all(dim=-1) | (diffs > 0).all(dim=-1)  # [] or [B]
+    checks = torch.stack([((times < 0) | (times > 1) | times.isnan()).any(), ~monotone.all()]).tolist()
     if checks[0]:
         raise ValueError(f"times: expected values in [0, 1] (0 = data, 1 = noise), got {times.tolist()}")
     if checks[1]:
-        raise ValueError(f"times: expected a strictly monotone grid, got {times.tolist()}")
+        raise ValueError(f"times: expected a strictly monotone grid (each row), got {times.tolist()}")
     return times
 
 
@@ -232,7 +246,9 @@ def solve(
         velocity: The model (see [`VelocityField`][sparse3d.flow.VelocityField]).
         x_init: Initial state at ``times[0]``, dense ``[B, ...]`` or SparseTensor (e.g. from
             [`noise_like`][sparse3d.flow.noise_like]).
-        times: Strictly monotone grid ``[S + 1]`` in ``[0, 1]``; steps are computed in its dtype and
+        times: Strictly monotone grid ``[S + 1]`` in ``[0, 1]``, or one grid per sample ``[B, S + 1]``
+            (e.g. ``time_grid(S, mu=linear_mu(x.counts))`` for a ragged batch: sample ``b`` steps along
+            row ``b``, exactly as a solve of that sample alone); steps are computed in its dtype and
             it is moved to ``x_init``'s device.
         method: ``"euler"`` (1 call/step), ``"heun"`` or ``"midpoint"`` (2 calls/step, second order).
         condition: Keyword arguments passed to every velocity call.
@@ -248,9 +264,9 @@ def solve(
     if method not in _STEPS:
         raise ValueError(f"method: expected one of {sorted(_STEPS)}, got {method!r}")
     _check_flow_tensor(x_init, "x_init")
-    times = _check_grid(times).to(_values(x_init).device)
+    times = _check_grid(times, batch_size_of(x_init)).to(_values(x_init).device)
     step_fn, calls_per_step = _STEPS[method]
-    num_steps = times.shape[0] - 1
+    num_steps = times.shape[-1] - 1
     steps: Any = range(num_steps)
     if progress:
         from tqdm.auto import tqdm
@@ -259,7 +275,7 @@ def solve(
     x = x_init
     trajectory = [x] if return_trajectory else None
     for i in steps:
-        t, t_next = times[i], times[i + 1]
+        t, t_next = times[..., i], times[..., i + 1]  # [] or [B]
         x_next, v = step_fn(velocity, x, t, t_next, condition)
         if callback is not None:
             replacement = callback(StepInfo(i, num_steps, t, t_next, x, x_next, v))
@@ -293,7 +309,7 @@ def generate(
     Args:
         velocity: The model.
         template: Dense ``[B, ...]`` or SparseTensor giving shape, dtype, device and layout (values unused).
-        times: Grid ``[S + 1]``, usually from 1 to 0.
+        times: Grid ``[S + 1]`` (usually from 1 to 0), or per-sample grids ``[B, S + 1]``.
         generator: Generator for the initial noise.
         **solve_options: Keyword arguments of [`solve`][sparse3d.flow.solve] (``method``, ``condition``,
             ``callback``, ``progress``, ``return_trajectory``).

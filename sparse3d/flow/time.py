@@ -6,6 +6,7 @@ All times follow the flow convention: ``t = 0`` is data, ``t = 1`` is noise.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -133,11 +134,35 @@ def _apply_shift(
     return shift_time(t, shift) if shift != 1.0 else t
 
 
+def _check_mu(mu: object) -> float | torch.Tensor | None:
+    """``mu`` as a float, a float64 tensor ``[B]`` (one per sample), or None; anything else raises."""
+    if mu is None:
+        return None
+    if isinstance(mu, torch.Tensor):
+        if mu.dim() > 1 or mu.dtype == torch.bool or mu.dtype.is_complex:
+            raise TypeError(
+                f"mu: expected a float or a real tensor [B] (one per sample), got a {mu.dtype} tensor of "
+                f"shape {list(mu.shape)}"
+            )
+        if mu.dim() == 0:
+            mu = float(mu)
+        else:
+            mu = mu.to(torch.float64)
+            if mu.numel() == 0 or not bool(mu.isfinite().all()):
+                raise ValueError(f"mu: expected finite values, one per sample (B >= 1), got {mu.tolist()}")
+            return mu
+    if isinstance(mu, bool) or not isinstance(mu, numbers.Real):
+        raise TypeError(f"mu: expected a float or a tensor [B] (one per sample), got {type(mu).__name__}")
+    if not math.isfinite(mu):
+        raise ValueError(f"mu: expected a finite number, got {mu}")
+    return float(mu)
+
+
 def time_grid(
     num_steps: int,
     *,
     shift: float = 1.0,
-    mu: float | None = None,
+    mu: float | torch.Tensor | None = None,
     kind: ShiftKind = "exponential",
     start: float = 1.0,
     end: float = 0.0,
@@ -149,28 +174,45 @@ def time_grid(
     With the defaults it runs from noise (1) to data (0). ``shift`` gives TRELLIS's ``rescale_t`` grid;
     ``mu`` gives the FLUX grid (dynamic shift). Both equal diffusers'
     ``FlowMatchEulerDiscreteScheduler`` sigmas for ``sigmas=linspace(1, 1/N, N)`` plus the appended 0.
+    A tensor ``mu [B]`` (e.g. ``linear_mu(x.counts)`` for a ragged SparseTensor batch) gives one grid per
+    sample, ``[B, S + 1]``, which [`solve`][sparse3d.flow.solve] integrates in one batched call.
     Computed in float64, then cast to ``dtype``.
 
     Args:
         num_steps: Number of solver steps ``S >= 1``.
         shift: Static shift ``s > 0`` (1 = none).
-        mu: Dynamic-shift parameter (see [`dynamic_shift_time`][sparse3d.flow.dynamic_shift_time]); not
-            together with ``shift != 1``.
+        mu: Dynamic-shift parameter (see [`dynamic_shift_time`][sparse3d.flow.dynamic_shift_time]): a
+            float (or 0-d tensor) for one grid, or a tensor ``[B]`` for one grid per sample; not together
+            with ``shift != 1``.
         kind: Dynamic shift kind, ``"exponential"`` or ``"linear"``.
         start: First time, in ``[0, 1]``.
         end: Last time, in ``[0, 1]``, different from ``start``.
-        device: Device of the result.
+        device: Device of the result (default: that of a tensor ``mu``, else the CPU).
         dtype: Floating dtype of the result.
 
     Returns:
-        Tensor ``[S + 1]``, monotone from ``shifted(start)`` to ``shifted(end)``.
+        Tensor ``[S + 1]``, or ``[B, S + 1]`` for a tensor ``mu [B]``, each row monotone from
+        ``shifted(start)`` to ``shifted(end)``.
+
+    Raises:
+        TypeError: ``mu`` is neither a number nor a real tensor of at most one dimension.
+        ValueError: ``num_steps``, ``start``/``end``, ``shift`` or ``mu`` out of range, or both ``shift``
+            and ``mu`` given.
     """
     if not isinstance(num_steps, int) or num_steps < 1:
         raise ValueError(f"num_steps: expected an integer >= 1, got {num_steps!r}")
     if not (0.0 <= start <= 1.0 and 0.0 <= end <= 1.0) or start == end:
         raise ValueError(f"start and end: expected two different values in [0, 1], got {start} and {end}")
-    grid = torch.linspace(start, end, num_steps + 1, dtype=torch.float64)
-    grid = _apply_shift(grid, shift, None if mu is None else float(mu), kind)
+    mu = _check_mu(mu)
+    per_sample = isinstance(mu, torch.Tensor)
+    if device is None and per_sample:
+        device = mu.device
+    grid = torch.linspace(
+        start, end, num_steps + 1, dtype=torch.float64, device=mu.device if per_sample else None
+    )
+    if per_sample:
+        grid, mu = grid[None, :], mu[:, None]  # [1, S + 1] and [B, 1]: one grid per sample
+    grid = _apply_shift(grid, shift, mu, kind)  # [S + 1] or [B, S + 1]
     return grid.to(device=device, dtype=dtype)
 
 

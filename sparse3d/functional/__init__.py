@@ -8,7 +8,17 @@ from sparse3d.functional.attention import (
     window_partition,
     windowed_attention,
 )
-from sparse3d.functional.conv import conv_output_layout, sparse_conv3d, weight_from_dense, weight_to_dense
+from sparse3d.functional.conv import (
+    LayoutRule,
+    conv_output_layout,
+    sparse_conv3d,
+    weight_from_dense,
+    weight_from_minkowski,
+    weight_from_spconv,
+    weight_to_dense,
+    weight_to_minkowski,
+    weight_to_spconv,
+)
 from sparse3d.functional.coords import (
     MAX_BATCH,
     MAX_COORD,
@@ -65,10 +75,15 @@ __all__ = [
     "MAX_COORD",
     "child_slots",
     "coarse_coords",
+    "LayoutRule",
     "conv_output_layout",
     "sparse_conv3d",
     "weight_from_dense",
+    "weight_from_minkowski",
+    "weight_from_spconv",
     "weight_to_dense",
+    "weight_to_minkowski",
+    "weight_to_spconv",
     "invert_kernel_map",
     "kernel_map",
     "kernel_offsets",

@@ -38,10 +38,14 @@ BACKENDS = ("reference", "sdpa", "padded", "masked", "varlen", "flex", "flash_at
 * ``"sdpa"``: all samples have equal query and equal key lengths: one batched SDPA call on
   ``[B, L, H, D]`` views, no mask (the flash kernel on CUDA). Errors on unequal lengths.
 * ``"padded"``: every sample padded to the longest; padded keys are excluded exactly through one
-  extra head-dim channel (query 1, key ``-big`` on padding, 0 on real keys), so no mask is needed and
+  extra head-dim channel (query 1, key ``-inf`` on padding, 0 on real keys), so no mask is needed and
   the flash kernel stays usable. Costs ``B * max_len`` rows. CPU and CUDA.
-* ``"masked"``: one SDPA call over the packed sequence with a boolean block-diagonal ``[T, S]``
-  mask. O(T S) memory: small totals only. CPU and CUDA.
+* ``"masked"``: every sample padded to the longest, padded keys excluded by a boolean key mask
+  ``[B, 1, 1, L]`` (SDPA's memory-efficient kernel on CUDA). Costs ``B * max_len`` rows. CPU and CUDA.
+
+Every backend isolates samples: sample ``b``'s output depends only on sample ``b``'s queries, keys and
+values (a NaN or Inf elsewhere in the batch leaves it bitwise unchanged), and keys of other samples or
+padding never receive weight, however low the real scores are.
 * ``"varlen"``: ``torch.nn.attention.varlen.varlen_attn``. CUDA, fp16/bf16, ``D == Dv``.
 * ``"flex"``: compiled FlexAttention with a document mask. CUDA.
 * ``"flash_attn"``: ``flash_attn.flash_attn_varlen_func`` when the package is installed. CUDA, fp16/bf16.
@@ -281,79 +285,102 @@ def _sdpa_equal(query, key, value, num_segments, max_q, max_kv, scale):
     return out.transpose(1, 2).reshape(query.shape[0], heads, value_dim)  # [T, H, Dv]
 
 
-def _padded_rows(tokens, segment, offsets, length, num_segments, width, fill_last=None):
-    """Scatters packed rows ``[T, H, D]`` into ``[B, length, H, width]`` (zero padded, differentiable)."""
+def _padded_rows(tokens, segment, offsets, length, num_segments, width, channel=None, real=0.0, padding=0.0):
+    """Scatters packed rows ``[T, H, D]`` into ``[B, length, H, width]`` (zero padded, differentiable).
+
+    With ``channel`` (a padded channel index ``>= D``), that channel holds ``real`` on the rows of
+    ``tokens`` and ``padding`` on the padding rows. Returns the padded tensor and each row's flat slot.
+    """
     total, heads, dim = tokens.shape
     position = torch.arange(total, device=tokens.device) - offsets.long()[segment]
     flat = segment * length + position  # [T]
     if width > dim:
         pad = tokens.new_zeros(total, heads, width - dim)
-        if fill_last is not None:
-            pad[..., 0] = fill_last
+        if channel is not None:
+            pad[..., channel - dim] = real
         tokens = torch.cat([tokens, pad], dim=-1)  # [T, H, width]
-    padded = tokens.new_zeros(num_segments * length, heads, width).index_copy(0, flat, tokens)
+    base = tokens.new_zeros(num_segments * length, heads, width)
+    if channel is not None:
+        base[..., channel] = padding
+    padded = base.index_copy(0, flat, tokens)  # [B * length, H, width]
     return padded.view(num_segments, length, heads, width), flat
 
 
-def _padded(query, key, value, offsets_q, offsets_kv, num_segments, max_q, max_kv, scale):
-    """Pads every segment to the longest and excludes padded keys with one extra head-dim channel.
-
-    Query channel ``D`` is 1; key channel ``D`` is 0 for real keys and ``-big`` for padding, so padded
-    keys score ``-big * scale`` (weight exactly 0 after softmax) and real scores are unchanged. No mask
-    is passed, so SDPA keeps its flash kernel. A segment without keys averages zero padded values: 0.
-    """
-    total, heads, head_dim = query.shape
-    value_dim = value.shape[-1]
-    if max_q == 0:
-        return _zeros(query, value, 0)
-    big = 3.0e4 if query.dtype == torch.float16 else 1.0e6
-    width = -(-(max(head_dim, value_dim) + 1) // 8) * 8
-    segment_q = _segment_ids(offsets_q, total)
-    segment_kv = _segment_ids(offsets_kv, key.shape[0])
-    max_kv = max(max_kv, 1)
-    # Query channel D is 1 (the first padded channel); the other padded channels are 0.
-    query_p, flat_q = _padded_rows(query, segment_q, offsets_q, max_q, num_segments, width, fill_last=1.0)
-    # The key's extra channel: 0 on real rows, -big on padding (written before the scatter fills rows).
-    key_p = torch.cat([key, key.new_zeros(key.shape[0], heads, width - head_dim)], dim=-1)  # [S, H, width]
-    flat_kv = segment_kv * max_kv + (
-        torch.arange(key.shape[0], device=key.device) - offsets_kv.long()[segment_kv]
-    )
-    key_base = key.new_zeros(num_segments * max_kv, heads, width)
-    key_base[..., head_dim] = -big
-    key_p = key_base.index_copy(0, flat_kv, key_p).view(num_segments, max_kv, heads, width)
-    value_p, _ = _padded_rows(value, segment_kv, offsets_kv, max_kv, num_segments, width)
+def _batched_sdpa(query_p, key_p, value_p, scale, mask=None):
+    """SDPA over padded batches ``[B, L, H, C]``; on CPU in chunks of samples (the math kernel
+    materialises ``[b, H, Lq, Lk]`` scores). Batches are independent, so chunking changes nothing."""
+    num_segments, max_q, heads, _ = query_p.shape
+    max_kv = key_p.shape[1]
     chunk = num_segments
-    if not query.is_cuda:  # the CPU math kernel materialises [chunk, H, Lq, Lk] scores
+    if not query_p.is_cuda:
         chunk = max(1, (1 << 26) // max(1, heads * max_q * max_kv))
     outputs = []
     for start in range(0, num_segments, chunk):
         outputs.append(
             F.scaled_dot_product_attention(
-                query_p[start : start + chunk].transpose(1, 2),  # [b, H, Lq, width]
-                key_p[start : start + chunk].transpose(1, 2),  # [b, H, Lk, width]
-                value_p[start : start + chunk].transpose(1, 2),  # [b, H, Lk, width]
+                query_p[start : start + chunk].transpose(1, 2),  # [b, H, Lq, C]
+                key_p[start : start + chunk].transpose(1, 2),  # [b, H, Lk, C]
+                value_p[start : start + chunk].transpose(1, 2),  # [b, H, Lk, Cv]
+                attn_mask=None if mask is None else mask[start : start + chunk],  # [b, 1, 1, Lk]
                 scale=scale,
-            ).transpose(1, 2)  # [b, Lq, H, width]
+            ).transpose(1, 2)  # [b, Lq, H, Cv]
         )
-    out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # [B, Lq, H, width]
+    return torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # [B, Lq, H, Cv]
+
+
+def _padded(query, key, value, offsets_q, offsets_kv, num_segments, max_q, max_kv, scale):
+    """Pads every segment to the longest and excludes padded keys with one extra head-dim channel.
+
+    Channel ``D`` is 1 on every query row (real or padding) and, on the keys, 0 for real keys and
+    ``-inf`` for padding, so padded keys score exactly ``-inf`` (weight 0 after softmax, whatever the
+    real scores are) and real scores are unchanged. No mask is passed, so SDPA keeps its flash kernel.
+    A segment without keys sees one padding key with channel ``D`` 0 and a zero value: its output is 0.
+    Each segment is its own batch entry, so one segment's values never reach another's output.
+    """
+    total, heads, head_dim = query.shape
+    value_dim = value.shape[-1]
+    if max_q == 0:
+        return _zeros(query, value, 0)
+    width = -(-(max(head_dim, value_dim) + 1) // 8) * 8
+    segment_q = _segment_ids(offsets_q, total)
+    segment_kv = _segment_ids(offsets_kv, key.shape[0])
+    max_kv = max(max_kv, 1)
+    query_p, flat_q = _padded_rows(
+        query, segment_q, offsets_q, max_q, num_segments, width, channel=head_dim, real=1.0, padding=1.0
+    )  # [B, Lq, H, width]
+    key_p, _ = _padded_rows(
+        key, segment_kv, offsets_kv, max_kv, num_segments, width, channel=head_dim, padding=-math.inf
+    )  # [B, Lk, H, width]
+    keyless = (offsets_kv.diff() == 0)[:, None, None, None]  # [B, 1, 1, 1]
+    first = torch.arange(max_kv, device=key.device)[None, :, None, None] == 0  # [1, Lk, 1, 1]
+    channel = torch.arange(width, device=key.device) == head_dim  # [width]
+    key_p = key_p.masked_fill(keyless & first & channel, 0.0)  # one finite padding key for keyless segments
+    value_p, _ = _padded_rows(value, segment_kv, offsets_kv, max_kv, num_segments, width)
+    out = _batched_sdpa(query_p, key_p, value_p, scale)  # [B, Lq, H, width]
     out = out.reshape(num_segments * max_q, heads, width).index_select(0, flat_q)  # [T, H, width]
     return out[..., :value_dim]
 
 
-def _masked(query, key, value, offsets_q, offsets_kv, scale):
-    """One SDPA call over the packed sequence with a boolean block-diagonal mask."""
-    segment_q = _segment_ids(offsets_q, query.shape[0])
+def _masked(query, key, value, offsets_q, offsets_kv, num_segments, max_q, max_kv, scale):
+    """Pads every segment to the longest and excludes padded keys with a boolean key mask ``[B, 1, 1, Lk]``.
+
+    SDPA turns the mask into ``-inf`` scores, so padded keys never win; with a mask SDPA uses its
+    memory-efficient kernel on CUDA. A segment without keys attends to its zero-valued padding: 0.
+    """
+    total, heads, _ = query.shape
+    if max_q == 0:
+        return _zeros(query, value, 0)
+    segment_q = _segment_ids(offsets_q, total)
     segment_kv = _segment_ids(offsets_kv, key.shape[0])
-    allowed = segment_q[:, None] == segment_kv[None, :]  # [T, S]
-    has_key = allowed.any(dim=1)  # [T]
-    # Rows without keys attend to everything (finite gradients) and are zeroed below.
-    allowed = allowed | ~has_key[:, None]
-    if key.shape[0] == 0:
-        return _zeros(query, value, query.shape[0])
-    out = F.scaled_dot_product_attention(
-        query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1), attn_mask=allowed, scale=scale
-    ).transpose(0, 1)  # [T, H, Dv]
-    return torch.where(has_key[:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    max_kv = max(max_kv, 1)
+    query_p, flat_q = _padded_rows(query, segment_q, offsets_q, max_q, num_segments, query.shape[-1])
+    key_p, _ = _padded_rows(key, segment_kv, offsets_kv, max_kv, num_segments, key.shape[-1])
+    value_p, _ = _padded_rows(value, segment_kv, offsets_kv, max_kv, num_segments, value.shape[-1])
+    counts = offsets_kv.diff()  # [B]
+    real = torch.arange(max_kv, device=key.device)[None, :] < counts[:, None]  # [B, Lk]
+    allowed = real | (counts == 0)[:, None]  # a keyless segment attends to its zero padding
+    out = _batched_sdpa(query_p, key_p, value_p, scale, mask=allowed[:, None, None, :])  # [B, Lq, H, Dv]
+    return out.reshape(num_segments * max_q, heads, value.shape[-1]).index_select(0, flat_q)  # [T, H, Dv]
 
 
 def _last_dim_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -505,7 +532,9 @@ def varlen_attention(
             query, key, value, offsets_q, offsets_kv, num_segments, max_seqlen_q, max_seqlen_kv, scale
         )
     if name == "masked":
-        return _masked(query, key, value, offsets_q, offsets_kv, scale)
+        return _masked(
+            query, key, value, offsets_q, offsets_kv, num_segments, max_seqlen_q, max_seqlen_kv, scale
+        )
     if name in ("varlen", "flash_attn", "flex"):
         if not query.is_cuda:
             raise ValueError(f"backend: {name!r} needs CUDA tensors, got device {query.device}; use 'auto'")

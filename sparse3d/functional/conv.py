@@ -9,23 +9,57 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from sparse3d.functional.coords import _triple, coarse_coords, invert_kernel_map, kernel_map, subdivide_coords
+from sparse3d.functional.coords import (
+    _triple,
+    coarse_coords,
+    invert_kernel_map,
+    kernel_map,
+    kernel_offsets,
+    pack_keys,
+    subdivide_coords,
+    unpack_keys,
+)
 from sparse3d.kernels import resolve_backend
 
 if TYPE_CHECKING:
     from sparse3d.tensor import SparseTensor
 
 __all__ = [
+    "LayoutRule",
     "sparse_conv3d",
     "conv_output_layout",
     "weight_from_dense",
     "weight_to_dense",
+    "weight_from_spconv",
+    "weight_to_spconv",
+    "weight_from_minkowski",
+    "weight_to_minkowski",
     "GATHER_CHUNK_ELEMENTS",
 ]
+
+LayoutRule = Literal["parents", "reached"]
+"""Which output voxels a convolution without ``out_layout`` produces.
+
+* ``"parents"`` (the default): the layout of the matching pooling op. Submanifold (stride 1): the input
+  voxels. Strided: the parents ``floor(coords / s)``, what a factor-``s`` downsample gives (MinkowskiEngine's
+  strided output is also the strided input coordinates). Transposed: all ``s^3`` children of every input
+  voxel, what a subdivide gives. ``kernel_size`` and ``dilation`` do not change the layout.
+* ``"reached"``: every voxel of the dense output grid whose kernel window holds at least one active input
+  (spconv's ``SparseConv3d`` and ``SparseConvTranspose3d``; the non-zero pattern of the dense convolution
+  of the occupancy). The grid is that of ``F.conv3d`` / ``F.conv_transpose3d`` with
+  ``padding = dilation * ((size - 1) // 2)``; voxels the kernel reaches outside it are not outputs of the
+  dense convolution either. At stride 1 this is the "full" (non-submanifold) sparse convolution, which
+  dilates the layout by the kernel.
+
+For kernel 3, stride 2 (no dilation) the ``"reached"`` layout holds the parents plus the coarse voxels whose
+window only grazes the input; both rules compute the same features where they share a voxel.
+"""
+
+_LAYOUT_RULES = ("parents", "reached")
 
 GATHER_CHUNK_ELEMENTS = 1 << 28
 """Largest gathered block ``rows * K * C_in`` materialised at once; bigger problems are processed in row
@@ -76,13 +110,72 @@ def _layout_from_coords(
     return type(like)._from_parts(coords, placeholder, offsets, like.batch_size, spatial_shape, stride)
 
 
+def _dense_output_shape(
+    spatial_shape: tuple[int, int, int],
+    kernel_size: tuple[int, int, int],
+    stride: tuple[int, int, int],
+    dilation: tuple[int, int, int],
+    transposed: bool,
+) -> tuple[int, int, int]:
+    """Output extent of ``F.conv3d`` (or ``F.conv_transpose3d``) with ``padding = d * ((k - 1) // 2)``."""
+    shape = []
+    for extent, k, s, d in zip(spatial_shape, kernel_size, stride, dilation, strict=True):
+        padding = d * ((k - 1) // 2)
+        if transposed:
+            shape.append((extent - 1) * s - 2 * padding + d * (k - 1) + 1)
+        else:
+            shape.append((extent + 2 * padding - d * (k - 1) - 1) // s + 1)
+    if min(shape) < 1:
+        raise ValueError(
+            f"kernel_size: the dense output grid of a {'transposed ' if transposed else ''}convolution with "
+            f"kernel_size={kernel_size}, stride={stride}, dilation={dilation} on "
+            f"spatial_shape={spatial_shape} is empty ({tuple(shape)})"
+        )
+    return tuple(shape)  # type: ignore[return-value]
+
+
+def _reached_coords(
+    coords: torch.Tensor,
+    kernel_size: tuple[int, int, int],
+    stride: tuple[int, int, int],
+    dilation: tuple[int, int, int],
+    transposed: bool,
+    out_shape: tuple[int, int, int],
+) -> torch.Tensor:
+    """Unique output voxels ``[M, 4]`` (canonical order) that some kernel offset links to an input voxel.
+
+    Regular: ``o = (c - off_k) / s`` where divisible; transposed: ``q = c * s + off_k``; both kept inside
+    ``[0, out_shape)``. One host sync (the number of unique voxels).
+    """
+    offsets = kernel_offsets(kernel_size, dilation, device=coords.device).long()  # [K, 3]
+    s = torch.tensor(stride, device=coords.device, dtype=torch.long)
+    spatial = coords[:, None, 1:].long()  # [N, 1, 3]
+    if transposed:
+        candidates = spatial * s + offsets[None]  # [N, K, 3]
+        valid = torch.ones(candidates.shape[:2], dtype=torch.bool, device=coords.device)
+    else:
+        shifted = spatial - offsets[None]  # [N, K, 3]
+        valid = (shifted % s == 0).all(dim=-1)  # [N, K]
+        candidates = torch.div(shifted, s, rounding_mode="floor")
+    bound = torch.tensor(out_shape, device=coords.device, dtype=torch.long)
+    valid &= ((candidates >= 0) & (candidates < bound)).all(dim=-1)
+    batch = coords[:, None, :1].long().expand(-1, offsets.shape[0], 1)  # [N, K, 1]
+    keys = pack_keys(torch.cat([batch, candidates], dim=-1)[valid])  # [V]
+    return unpack_keys(torch.unique(keys, sorted=True))  # [M, 4] int32, (batch, x, y, z) order
+
+
 def conv_output_layout(
     input: SparseTensor,
     *,
     stride: IntOr3 = 1,
     transposed: bool = False,
+    layout_rule: LayoutRule = "parents",
+    kernel_size: IntOr3 = 3,
+    dilation: IntOr3 = 1,
 ) -> SparseTensor:
-    """The default output layout of [`sparse_conv3d`][sparse3d.functional.conv.sparse_conv3d].
+    """The output layout of [`sparse_conv3d`][sparse3d.functional.conv.sparse_conv3d] without ``out_layout``.
+
+    With ``layout_rule="parents"`` (see [`LayoutRule`][sparse3d.functional.conv.LayoutRule]):
 
     * ``stride == 1``: the input layout itself (submanifold);
     * regular, stride ``s``: the parents ``floor(coords / s)`` (the layout a 2x downsample gives),
@@ -91,6 +184,11 @@ def conv_output_layout(
       ([`subdivide_coords`][sparse3d.functional.coords.subdivide_coords] order),
       ``stride = input.stride / s``, ``spatial_shape = input.spatial_shape * s``.
 
+    With ``layout_rule="reached"``: every voxel of the dense output grid (``spatial_shape`` of
+    ``F.conv3d`` / ``F.conv_transpose3d`` with ``padding = dilation * ((size - 1) // 2)``) that a kernel
+    offset links to an active input voxel, in canonical (batch, x, y, z) order; ``stride`` as above.
+    This is spconv's layout and depends on ``kernel_size`` and ``dilation``.
+
     The layout is cached on the input layout, so repeated calls return the same object (and share its
     kernel-map cache).
 
@@ -98,27 +196,45 @@ def conv_output_layout(
         input: The convolution's input.
         stride: Convolution stride, an int or 3 ints.
         transposed: Layout of the transposed convolution.
+        layout_rule: ``"parents"`` or ``"reached"``.
+        kernel_size: Kernel size (used by ``"reached"`` only), an int or 3 ints.
+        dilation: Dilation (used by ``"reached"`` only), an int or 3 ints.
 
     Returns:
         A SparseTensor with zero-width feats ``[M, 0]`` describing the output layout.
 
     Raises:
-        ValueError: ``transposed`` with an input stride not divisible by ``stride``.
+        ValueError: An unknown ``layout_rule``; ``transposed`` with an input stride not divisible by
+            ``stride``; an empty dense output grid (``"reached"``).
     """
+    if layout_rule not in _LAYOUT_RULES:
+        raise ValueError(f"layout_rule: expected one of {_LAYOUT_RULES}, got {layout_rule!r}")
     s = _triple(stride, "stride")
+    if transposed and any(a % b for a, b in zip(input.stride, s, strict=True)):
+        raise ValueError(
+            f"stride: a transposed convolution refines the grid, so input.stride={input.stride} must be "
+            f"divisible by stride={s}; pass out_layout to choose the output voxels explicitly"
+        )
+    if transposed:
+        new_stride = tuple(a // b for a, b in zip(input.stride, s, strict=True))
+    else:
+        new_stride = tuple(a * b for a, b in zip(input.stride, s, strict=True))
+    if layout_rule == "reached":
+        size, dil = _triple(kernel_size, "kernel_size"), _triple(dilation, "dilation")
+        shape = _dense_output_shape(input.spatial_shape, size, s, dil, transposed)
+
+        def build_reached() -> SparseTensor:
+            coords = _reached_coords(input.coords, size, s, dil, transposed, shape)
+            return _layout_from_coords(input, coords, shape, new_stride)  # type: ignore[arg-type]
+
+        return input.cached(("conv_out_layout", s, transposed, "reached", size, dil), build_reached)
     if s == (1, 1, 1):
         return input
     if transposed:
-        if any(a % b for a, b in zip(input.stride, s, strict=True)):
-            raise ValueError(
-                f"stride: a transposed convolution refines the grid, so input.stride={input.stride} must be "
-                f"divisible by stride={s}; pass out_layout to choose the output voxels explicitly"
-            )
 
         def build() -> SparseTensor:
             coords = subdivide_coords(input.coords, s)  # [N * s^3, 4]
             shape = tuple(a * b for a, b in zip(input.spatial_shape, s, strict=True))
-            new_stride = tuple(a // b for a, b in zip(input.stride, s, strict=True))
             return _layout_from_coords(input, coords, shape, new_stride)  # type: ignore[arg-type]
 
         return input.cached(("conv_out_layout", s, True), build)
@@ -126,7 +242,6 @@ def conv_output_layout(
     def build_coarse() -> SparseTensor:
         coords, _ = coarse_coords(input.coords, s)  # [M, 4]
         shape = tuple(-(-a // b) for a, b in zip(input.spatial_shape, s, strict=True))
-        new_stride = tuple(a * b for a, b in zip(input.stride, s, strict=True))
         return _layout_from_coords(input, coords, shape, new_stride)  # type: ignore[arg-type]
 
     return input.cached(("conv_out_layout", s, False), build_coarse)
@@ -139,9 +254,10 @@ def _plan(
     dilation: tuple[int, int, int],
     transposed: bool,
     out_layout: SparseTensor | None,
+    layout_rule: LayoutRule = "parents",
 ) -> _ConvPlan:
     """The (cached) output layout and kernel maps of one convolution configuration on ``input``."""
-    key = ("conv", kernel_size, stride, dilation, transposed)
+    key = ("conv", kernel_size, stride, dilation, transposed, layout_rule)
 
     def build(layout: SparseTensor) -> _ConvPlan:
         kmap = kernel_map(
@@ -156,7 +272,14 @@ def _plan(
         return _ConvPlan(layout, kmap, input.num_voxels)
 
     if out_layout is None:
-        layout = conv_output_layout(input, stride=stride, transposed=transposed)
+        layout = conv_output_layout(
+            input,
+            stride=stride,
+            transposed=transposed,
+            layout_rule=layout_rule,
+            kernel_size=kernel_size,
+            dilation=dilation,
+        )
         return input.cached(key, lambda: build(layout))
     # Keyed on the output coords' identity; the entry holds a reference to them so the id is never reused.
     entry = input.cache.get((*key, "out_layout"))
@@ -261,13 +384,19 @@ def sparse_conv3d(
     dilation: IntOr3 = 1,
     transposed: bool = False,
     out_layout: SparseTensor | None = None,
+    layout_rule: LayoutRule = "parents",
     backend: str | None = None,
 ) -> SparseTensor:
     r"""Sparse 3D convolution: submanifold, strided or transposed (correlation, like ``F.conv3d``).
 
     Kernel offsets ``off_k`` come from [`kernel_offsets`][sparse3d.functional.coords.kernel_offsets]
-    (x slowest, z fastest; centred for odd sizes, starting at 0 for even sizes), and ``weight[k]`` is the
+    (x slowest, z fastest; ``(k - (size - 1) // 2) * dilation`` per axis), and ``weight[k]`` is the
     ``[C_in, C_out]`` matrix of offset ``k``. Missing neighbours contribute zero.
+
+    The output voxels are ``out_layout`` when given, else chosen by ``layout_rule`` (see
+    [`LayoutRule`][sparse3d.functional.conv.LayoutRule] and
+    [`conv_output_layout`][sparse3d.functional.conv.conv_output_layout]); the layouts below are those of
+    the default ``"parents"`` rule. The formulas hold for every output voxel, whichever rule chose it.
 
     * **Submanifold** (``stride=1``): output layout = input layout,
       ``out[p] = bias + sum_k W[k]^T in[p + off_k]``.
@@ -305,6 +434,9 @@ def sparse_conv3d(
         out_layout: Optional output layout (its feats are ignored). Its ``stride`` must be
             ``input.stride / stride`` (transposed) or ``input.stride * stride`` (regular), and its batch size
             and device must match the input's.
+        layout_rule: How the output voxels are chosen without ``out_layout``: ``"parents"`` (default;
+            submanifold, parents of a downsample, children of a subdivide) or ``"reached"`` (every voxel
+            the kernel reaches, as spconv). Only the default together with ``out_layout``.
         backend: ``"torch"`` (default) or ``"spconv"`` (CUDA, submanifold only); ``None`` uses
             [`current_backend`][sparse3d.kernels.current_backend].
 
@@ -355,23 +487,31 @@ def sparse_conv3d(
     if bias is not None and bias.dtype != feats.dtype:
         raise TypeError(f"bias: expected dtype {feats.dtype} (that of input.feats), got {bias.dtype}")
 
+    if layout_rule not in _LAYOUT_RULES:
+        raise ValueError(f"layout_rule: expected one of {_LAYOUT_RULES}, got {layout_rule!r}")
     if out_layout is not None:
+        if layout_rule != "parents":
+            raise ValueError(
+                f"layout_rule: out_layout already fixes the output voxels, so pass layout_rule only without "
+                f"it; got layout_rule={layout_rule!r} and an out_layout"
+            )
         _check_out_layout(input, out_layout, s, transposed)
 
     name = resolve_backend(backend)
     if name == "spconv":
-        if s != (1, 1, 1) or transposed or out_layout is not None or any(k % 2 == 0 for k in size):
+        submanifold = s == (1, 1, 1) and not transposed and layout_rule == "parents"
+        if not submanifold or out_layout is not None or any(k % 2 == 0 for k in size):
             raise NotImplementedError(
                 "backend: 'spconv' supports only submanifold convolutions (stride=1, transposed=False, "
-                f"odd kernel_size, no out_layout); got kernel_size={size}, stride={s}, "
-                f"transposed={transposed}, out_layout={'given' if out_layout is not None else None}. "
-                "Use backend='torch'."
+                "layout_rule='parents', odd kernel_size, no out_layout); got "
+                f"kernel_size={size}, stride={s}, transposed={transposed}, layout_rule={layout_rule!r}, "
+                f"out_layout={'given' if out_layout is not None else None}. Use backend='torch'."
             )
         from sparse3d.kernels.spconv import submanifold_conv3d
 
         return input.replace(submanifold_conv3d(input, feats, weight, bias, kernel_size=size, dilation=dil))
 
-    plan = _plan(input, size, s, dil, transposed, out_layout)
+    plan = _plan(input, size, s, dil, transposed, out_layout, layout_rule)
     out_feats = _SparseConvFunction.apply(feats.contiguous(), weight.contiguous(), bias, plan)  # [M, C_out]
     return plan.out_layout.replace(out_feats)
 
@@ -445,3 +585,89 @@ def weight_to_dense(weight: torch.Tensor, kernel_size: IntOr3, transposed: bool 
         )
     grid = weight.reshape(*size, weight.shape[1], weight.shape[2])  # [kx, ky, kz, C_in, C_out]
     return grid.permute(3, 4, 0, 1, 2) if transposed else grid.permute(4, 3, 0, 1, 2)
+
+
+def _check_sparse_weight(weight: object, kernel_size: IntOr3) -> tuple[int, int, int]:
+    size = _triple(kernel_size, "kernel_size")
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 3 or weight.shape[0] != math.prod(size):
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(
+            f"weight: expected shape [K={math.prod(size)}, C_in, C_out] for kernel_size={size}, got {shape}"
+        )
+    return size
+
+
+def weight_to_spconv(weight: torch.Tensor, kernel_size: IntOr3) -> torch.Tensor:
+    """Converts a sparse weight to spconv's (2.2+) KRSC layout ``[C_out, kx, ky, kz, C_in]``.
+
+    spconv computes the same correlation (``out[p] = sum_k W[k] in[p + off_k]``, axes in coordinate-column
+    order), so a ``spconv.SubMConv3d`` / ``SparseConv3d`` with this weight matches
+    [`sparse_conv3d`][sparse3d.functional.conv.sparse_conv3d] (``layout_rule="reached"`` for the strided
+    ``SparseConv3d``, with ``padding = dilation * ((size - 1) // 2)``).
+
+    Args:
+        weight: ``[K, C_in, C_out]``, offsets x slowest, z fastest.
+        kernel_size: ``(kx, ky, kz)`` with ``kx * ky * kz == K`` (or one int).
+
+    Returns:
+        ``[C_out, kx, ky, kz, C_in]`` (a view).
+    """
+    size = _check_sparse_weight(weight, kernel_size)
+    grid = weight.reshape(*size, weight.shape[1], weight.shape[2])  # [kx, ky, kz, C_in, C_out]
+    return grid.permute(4, 0, 1, 2, 3)
+
+
+def weight_from_spconv(weight: torch.Tensor) -> torch.Tensor:
+    """Converts a spconv KRSC weight ``[C_out, kx, ky, kz, C_in]`` to the sparse layout.
+
+    Inverse of [`weight_to_spconv`][sparse3d.functional.conv.weight_to_spconv].
+
+    Args:
+        weight: ``[C_out, kx, ky, kz, C_in]`` (``spconv.SubMConv3d.weight``, spconv >= 2.2).
+
+    Returns:
+        ``[K, C_in, C_out]`` with ``K = kx * ky * kz``.
+    """
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 5:
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"weight: expected spconv's shape [C_out, kx, ky, kz, C_in], got {shape}")
+    c_out, c_in = weight.shape[0], weight.shape[-1]
+    return weight.permute(1, 2, 3, 4, 0).reshape(-1, c_in, c_out)  # [K, C_in, C_out]
+
+
+def weight_to_minkowski(weight: torch.Tensor, kernel_size: IntOr3) -> torch.Tensor:
+    """Converts a sparse weight to MinkowskiEngine's ``kernel`` layout ``[K, C_in, C_out]``.
+
+    Both store one ``[C_in, C_out]`` matrix per kernel offset; MinkowskiEngine enumerates the offsets of a
+    hypercube kernel with x fastest and z slowest (for coordinates ``(batch, x, y, z)``), sparse3d with x
+    slowest and z fastest. The offsets themselves agree for odd sizes (centred) and size 2 (``0, 1``);
+    for even sizes from 4 MinkowskiEngine starts at 0 while sparse3d starts at ``-(size - 1) // 2``, so
+    the converted weight acts on a window shifted by that amount.
+
+    Args:
+        weight: ``[K, C_in, C_out]``, offsets x slowest, z fastest.
+        kernel_size: ``(kx, ky, kz)`` with ``kx * ky * kz == K`` (or one int).
+
+    Returns:
+        ``[K, C_in, C_out]`` with offsets x fastest, z slowest.
+    """
+    size = _check_sparse_weight(weight, kernel_size)
+    grid = weight.reshape(*size, weight.shape[1], weight.shape[2])  # [kx, ky, kz, C_in, C_out]
+    return grid.permute(2, 1, 0, 3, 4).reshape(weight.shape)  # [kz, ky, kx, ...] flattened: x fastest
+
+
+def weight_from_minkowski(weight: torch.Tensor, kernel_size: IntOr3) -> torch.Tensor:
+    """Converts a MinkowskiEngine ``kernel`` ``[K, C_in, C_out]`` (x fastest) to the sparse layout.
+
+    Inverse of [`weight_to_minkowski`][sparse3d.functional.conv.weight_to_minkowski].
+
+    Args:
+        weight: ``[K, C_in, C_out]`` (``MinkowskiConvolution.kernel``), offsets x fastest, z slowest.
+        kernel_size: ``(kx, ky, kz)`` with ``kx * ky * kz == K`` (or one int).
+
+    Returns:
+        ``[K, C_in, C_out]`` with offsets x slowest, z fastest.
+    """
+    size = _check_sparse_weight(weight, kernel_size)
+    grid = weight.reshape(size[2], size[1], size[0], weight.shape[1], weight.shape[2])  # [kz, ky, kx, ...]
+    return grid.permute(2, 1, 0, 3, 4).reshape(weight.shape)

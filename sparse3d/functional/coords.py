@@ -244,7 +244,7 @@ def kernel_offsets(
     """Spatial offsets of a kernel, x slowest and z fastest.
 
     Offset ``k`` of axis ``a`` is ``(k - (size_a - 1) // 2) * dilation_a``: centred for odd sizes
-    (``-1, 0, 1`` for 3), starting at 0 for even sizes (``0, 1`` for 2). Flat index ``k`` matches
+    (``-1, 0, 1`` for 3), ``0, 1`` for size 2 and ``-1, 0, 1, 2`` for size 4. Flat index ``k`` matches
     ``weight.reshape(kx, ky, kz, ...)`` of a dense ``[kx, ky, kz]`` kernel.
 
     Args:

@@ -54,18 +54,21 @@ def hammersley_points(num_points: int, num_dims: int = 3) -> torch.Tensor:
         num_dims: Dimension ``d`` in ``[1, 13]``.
 
     Returns:
-        float64 ``[n, d]`` on the CPU.
+        float64 ``[n, d]`` on the CPU, also inside a ``torch.device("meta")`` context (the points are
+        data, not parameters, so a model built on ``meta`` still knows them).
     """
     if num_points < 1:
         raise ValueError(f"num_points: expected >= 1, got {num_points}")
     if not 1 <= num_dims <= len(_PRIMES) + 1:
         raise ValueError(f"num_dims: expected 1..{len(_PRIMES) + 1}, got {num_dims}")
-    index = torch.arange(num_points, dtype=torch.int64)
+    index = torch.arange(num_points, dtype=torch.int64, device="cpu")
     columns = [index.double() / num_points]
     for base in _PRIMES[: num_dims - 1]:
-        value = torch.zeros(num_points, dtype=torch.float64)
-        remaining, weight = index.clone(), 1.0 / base
-        while bool((remaining > 0).any()):
+        value = torch.zeros(num_points, dtype=torch.float64, device="cpu")
+        remaining, weight, digits = index.clone(), 1.0 / base, 1
+        while base**digits <= num_points - 1:  # digits of the largest index, counted on the host
+            digits += 1
+        for _ in range(digits):
             value += (remaining % base).double() * weight
             remaining = remaining // base
             weight /= base
@@ -237,11 +240,31 @@ class GaussianHead(nn.Module):
         # Zero-initialised output layer (TRELLIS): every voxel starts at the init parameterisation above.
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
-        perturbation = torch.zeros(config.num_gaussians, 3, dtype=torch.float64)
+        # The fixed offset perturbation is a function of the config, kept on the CPU in float64 and
+        # copied once per (device, dtype); not a buffer, so a model built on the meta device and
+        # materialised with `to_empty` + `load_state_dict` (or `assign=True`) still has the right values.
+        perturbation = torch.zeros(config.num_gaussians, 3, dtype=torch.float64, device="cpu")
         if config.perturb_offsets:
             points = hammersley_points(config.num_gaussians, 3)  # [K, 3]
             perturbation = torch.atanh((2.0 * points - 1.0) / config.offset_range)
-        self.register_buffer("offset_perturbation", perturbation.float(), persistent=False)  # [K, 3]
+        self._perturbation = perturbation  # [K, 3] float64, CPU
+        self._perturbation_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def offset_perturbation(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """The fixed perturbation ``p_k`` ``[K, 3]`` added to the raw offsets (zeros without
+        ``perturb_offsets``), on ``device`` in ``dtype`` (cached per device and dtype).
+
+        Args:
+            device: Device of the result.
+            dtype: Floating dtype of the result.
+
+        Returns:
+            Tensor ``[K, 3]``.
+        """
+        key = (torch.device(device), dtype)
+        if key not in self._perturbation_on:
+            self._perturbation_on[key] = self._perturbation.to(device=device, dtype=dtype)
+        return self._perturbation_on[key]
 
     def forward(self, x: SparseTensor) -> Gaussians:
         """Decodes every voxel into ``K`` Gaussians.
@@ -284,7 +307,7 @@ class GaussianHead(nn.Module):
         voxel = torch.tensor(x.stride, dtype=raw.dtype, device=raw.device) / config.resolution  # [3]
         centres = (x.coords[:, 1:].to(raw.dtype) + 0.5) * voxel - 0.5  # [N, 3]
         offsets = raw_offset.view(count, gaussians, 3) * config.offset_multiplier  # [N, K, 3]
-        offsets = offsets + self.offset_perturbation.to(raw.dtype)
+        offsets = offsets + self.offset_perturbation(raw.device, raw.dtype)
         offsets = torch.tanh(offsets) * (0.5 * config.offset_range) * voxel  # [N, K, 3]
         means = (centres[:, None, :] + offsets).reshape(count * gaussians, 3)  # [N*K, 3]
         scales = raw_scale.reshape(count * gaussians, 3) * config.scale_multiplier  # [N*K, 3]

@@ -78,35 +78,42 @@ def save_ply(path: str | os.PathLike[str], gaussians: Gaussians, *, normals: boo
         handle.write(records.tobytes())
 
 
-def _parse_header(handle) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]]], int]:
+def _invalid(path: str | os.PathLike[str], problem: str) -> ValueError:
+    """The error for a file that is not a readable 3DGS PLY, naming the file."""
+    return ValueError(f"path: expected a binary 3DGS PLY file, got {os.fspath(path)!r}: {problem}")
+
+
+def _parse_header(
+    handle, path: str | os.PathLike[str]
+) -> tuple[str, list[tuple[str, int, list[tuple[str, str]]]], int]:
     if handle.readline().strip() != b"ply":
-        raise ValueError("not a PLY file: the first line must be 'ply'")
+        raise _invalid(path, "not a PLY file (the first line must be 'ply')")
     file_format, elements = None, []
     while True:
         raw = handle.readline()
         if not raw:
-            raise ValueError("PLY header has no 'end_header' line")
+            raise _invalid(path, "the header has no 'end_header' line")
         words = raw.decode("ascii", errors="replace").split()
         if not words or words[0] in ("comment", "obj_info"):
             continue
         if words[0] == "end_header":
             return file_format, elements, handle.tell()
-        if words[0] == "format":
+        if words[0] == "format" and len(words) >= 2:
             file_format = words[1]
-        elif words[0] == "element":
+        elif words[0] == "element" and len(words) == 3 and words[2].isdigit():
             elements.append((words[1], int(words[2]), []))
-        elif words[0] == "property":
+        elif words[0] == "property" and len(words) >= 3:
             if not elements:
-                raise ValueError("PLY header has a property before any element")
+                raise _invalid(path, f"property {words[-1]!r} comes before any element")
             if words[1] == "list":
-                raise ValueError(
-                    f"PLY list property {words[-1]!r} in element {elements[-1][0]!r} is not supported"
+                raise _invalid(
+                    path, f"list property {words[-1]!r} in element {elements[-1][0]!r} is not supported"
                 )
             if words[1] not in _PLY_TYPES:
-                raise ValueError(f"PLY property {words[2]!r} has unknown type {words[1]!r}")
+                raise _invalid(path, f"property {words[2]!r} has unknown type {words[1]!r}")
             elements[-1][2].append((words[2], _PLY_TYPES[words[1]]))
         else:
-            raise ValueError(f"unexpected PLY header line {raw!r}")
+            raise _invalid(path, f"unexpected header line {raw!r}")
 
 
 def load_ply(
@@ -131,24 +138,26 @@ def load_ply(
 
     Returns:
         Gaussians with ``batch_size == 1``.
+
+    Raises:
+        ValueError: The file is not a binary 3DGS PLY (malformed header, ASCII format, missing or, with
+            ``strict``, extra properties or elements, truncated data); the message names the file.
     """
     with open(path, "rb") as handle:
-        file_format, elements, start = _parse_header(handle)
+        file_format, elements, start = _parse_header(handle, path)
         data = handle.read()
     if file_format not in ("binary_little_endian", "binary_big_endian"):
-        raise ValueError(f"only binary PLY files are supported, got format {file_format!r}")
+        raise _invalid(path, f"only binary PLY files are supported, got format {file_format!r}")
     if not elements or elements[0][0] != "vertex":
-        raise ValueError(f"the first PLY element must be 'vertex', got {[e[0] for e in elements]}")
+        raise _invalid(path, f"the first element must be 'vertex', got {[e[0] for e in elements]}")
     if strict and len(elements) > 1:
-        raise ValueError(
-            f"PLY has elements {[e[0] for e in elements[1:]]} besides 'vertex' (pass strict=False)"
-        )
+        raise _invalid(path, f"elements {[e[0] for e in elements[1:]]} besides 'vertex' (pass strict=False)")
     _, count, properties = elements[0]
     order = "<" if file_format == "binary_little_endian" else ">"
     record = np.dtype([(name, order + code) for name, code in properties])
     if len(data) < count * record.itemsize:
-        raise ValueError(
-            f"PLY data holds {len(data)} bytes, expected {count * record.itemsize} for {count} vertices"
+        raise _invalid(
+            path, f"the data holds {len(data)} bytes, expected {count * record.itemsize} for {count} vertices"
         )
     rows = np.frombuffer(data, dtype=record, count=count)
     names = [name for name, _ in properties]
@@ -158,15 +167,17 @@ def load_ply(
     except ValueError:
         degree = -1
     if degree < 0 or len(rest_names) % 3:
-        raise ValueError(f"PLY has {len(rest_names)} f_rest fields, expected 0, 9, 24 or 45")
+        raise _invalid(path, f"{len(rest_names)} f_rest fields, expected 0, 9, 24 or 45")
     with_normals = "nx" in names
     expected = ply_property_names(degree, normals=with_normals)
     missing = [name for name in expected if name not in names]
     if missing:
-        raise ValueError(f"PLY vertex element lacks 3DGS properties {missing}")
+        raise _invalid(path, f"the vertex element lacks 3DGS properties {missing}")
     extra = [name for name in names if name not in expected]
     if strict and extra:
-        raise ValueError(f"PLY vertex element has non-3DGS properties {extra} (pass strict=False to ignore)")
+        raise _invalid(
+            path, f"the vertex element has non-3DGS properties {extra} (pass strict=False to ignore)"
+        )
 
     def column(*fields: str) -> torch.Tensor:
         stacked = np.stack([rows[name].astype(np.float64) for name in fields], axis=-1)

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sparse3d.functional.conv import weight_from_spconv, weight_to_spconv  # re-exported here
+
 if TYPE_CHECKING:
     from sparse3d.tensor import SparseTensor
 
@@ -34,33 +36,6 @@ def import_spconv() -> ModuleType:
         except ImportError as error:  # try the next one
             errors.append(f"{name}: {error}")
     raise ImportError("backend 'spconv' needs spconv_triton or spconv installed; " + "; ".join(errors))
-
-
-def weight_to_spconv(weight: torch.Tensor, kernel_size: tuple[int, int, int]) -> torch.Tensor:
-    """Ours ``[K, C_in, C_out]`` -> spconv KRSC ``[C_out, kx, ky, kz, C_in]``.
-
-    Args:
-        weight: ``[K, C_in, C_out]``, offsets x slowest, z fastest.
-        kernel_size: ``(kx, ky, kz)``.
-
-    Returns:
-        ``[C_out, kx, ky, kz, C_in]``.
-    """
-    grid = weight.reshape(*kernel_size, weight.shape[1], weight.shape[2])  # [kx, ky, kz, C_in, C_out]
-    return grid.permute(4, 0, 1, 2, 3)
-
-
-def weight_from_spconv(weight: torch.Tensor) -> torch.Tensor:
-    """spconv KRSC ``[C_out, kx, ky, kz, C_in]`` -> ours ``[K, C_in, C_out]``.
-
-    Args:
-        weight: ``[C_out, kx, ky, kz, C_in]``.
-
-    Returns:
-        ``[K, C_in, C_out]`` with ``K = kx * ky * kz``.
-    """
-    c_out, c_in = weight.shape[0], weight.shape[-1]
-    return weight.permute(1, 2, 3, 4, 0).reshape(-1, c_in, c_out)  # [K, C_in, C_out]
 
 
 def submanifold_conv3d(

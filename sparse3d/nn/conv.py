@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from sparse3d.functional.conv import sparse_conv3d, weight_from_dense
+from sparse3d.functional.conv import _LAYOUT_RULES, LayoutRule, sparse_conv3d, weight_from_dense
 from sparse3d.functional.coords import _triple
 from sparse3d.tensor import SparseTensor
 
@@ -32,6 +32,9 @@ class SparseConv3d(nn.Module):
         dilation: Dilation, an int or 3 ints.
         bias: Learn an additive bias ``[C_out]``.
         transposed: Transposed (upsampling) convolution.
+        layout_rule: Output voxels without ``out_layout``: ``"parents"`` (default: submanifold, parents of a
+            downsample, children of a subdivide) or ``"reached"`` (every voxel the kernel reaches, as spconv's
+            ``SparseConv3d``); see [`LayoutRule`][sparse3d.functional.conv.LayoutRule].
 
     Examples:
         >>> from sparse3d import SparseTensor
@@ -50,6 +53,7 @@ class SparseConv3d(nn.Module):
         dilation: int | Sequence[int] = 1,
         bias: bool = True,
         transposed: bool = False,
+        layout_rule: LayoutRule = "parents",
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1:
@@ -58,10 +62,13 @@ class SparseConv3d(nn.Module):
             )
         self.in_channels = in_channels
         self.out_channels = out_channels
+        if layout_rule not in _LAYOUT_RULES:
+            raise ValueError(f"layout_rule: expected one of {_LAYOUT_RULES}, got {layout_rule!r}")
         self.kernel_size = _triple(kernel_size, "kernel_size")
         self.stride = _triple(stride, "stride")
         self.dilation = _triple(dilation, "dilation")
         self.transposed = transposed
+        self.layout_rule = layout_rule
         num_k = math.prod(self.kernel_size)
         self.weight = nn.Parameter(torch.empty(num_k, in_channels, out_channels))  # [K, C_in, C_out]
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
@@ -75,7 +82,9 @@ class SparseConv3d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
-    def from_dense(cls, conv: nn.Conv3d | nn.ConvTranspose3d) -> SparseConv3d:
+    def from_dense(
+        cls, conv: nn.Conv3d | nn.ConvTranspose3d, *, layout_rule: LayoutRule = "parents"
+    ) -> SparseConv3d:
         """Builds a layer with the same weights as a dense ``nn.Conv3d`` / ``nn.ConvTranspose3d``.
 
         Padding is not copied: the sparse layer's padding is implied by its kernel offsets (the dense
@@ -83,6 +92,8 @@ class SparseConv3d(nn.Module):
 
         Args:
             conv: A dense convolution with ``groups == 1``.
+            layout_rule: Output-layout rule of the new layer (``"reached"`` computes the dense convolution
+                at every output voxel where its input window is not empty).
 
         Returns:
             A SparseConv3d on the same device and dtype.
@@ -98,6 +109,7 @@ class SparseConv3d(nn.Module):
             dilation=conv.dilation,
             bias=conv.bias is not None,
             transposed=transposed,
+            layout_rule=layout_rule,
         ).to(device=conv.weight.device, dtype=conv.weight.dtype)
         with torch.no_grad():
             layer.weight.copy_(weight_from_dense(conv.weight, transposed=transposed))
@@ -125,10 +137,12 @@ class SparseConv3d(nn.Module):
             dilation=self.dilation,
             transposed=self.transposed,
             out_layout=out_layout,
+            layout_rule=self.layout_rule,
         )
 
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-            f"dilation={self.dilation}, bias={self.bias is not None}, transposed={self.transposed}"
+            f"dilation={self.dilation}, bias={self.bias is not None}, transposed={self.transposed}, "
+            f"layout_rule={self.layout_rule!r}"
         )
