@@ -7,6 +7,7 @@ import argparse
 import copy
 import csv
 import dataclasses
+import doctest
 import json
 import math
 import random
@@ -26,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from recipes.flux3d import engine
 from recipes.flux3d.engine import (
     EMA,
     NonFiniteLossError,
@@ -224,6 +226,12 @@ def test_loader_batches_do_not_depend_on_workers():
     single = take(ResumableLoader(Keys(10), range(10), 4, seed=0, collate_fn=list), 5)
     workers = take(ResumableLoader(Keys(10), range(10), 4, seed=0, collate_fn=list, num_workers=2), 5)
     assert workers == single
+
+
+def test_loader_workers_do_not_change_a_run(tmp_path, reference):
+    fit(TinyStage(num_workers=2), DEFAULTS, tmp_path / "run", device="cpu", progress=False)
+    assert log_rows(tmp_path / "run") == log_rows(reference[0])
+    assert_same_weights(checkpoint(tmp_path / "run")["model"], checkpoint(reference[0])["model"])
 
 
 @pytest.mark.parametrize(
@@ -632,3 +640,8 @@ def test_fit_on_cuda_uses_bf16_fused_adamw_and_pinned_workers(tmp_path):
     assert checkpoint(tmp_path / "run")["optimizer"]["param_groups"][0]["fused"] is True
     assert 0.0 <= result.metrics["throughput"]["data_wait_share"] <= 1.0
     assert math.isfinite(result.metrics["last_log"]["loss"])
+
+
+def test_docstring_examples():
+    result = doctest.testmod(engine, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

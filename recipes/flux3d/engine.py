@@ -435,15 +435,9 @@ def add_optim_args(parser: argparse.ArgumentParser, defaults: OptimConfig) -> ar
                 flag, type=float, nargs=2, metavar=("BETA1", "BETA2"), default=default, help=help_text
             )
         else:
-            kind = (
-                float
-                if field.name in ("lr", "weight_decay", "min_lr_ratio", "grad_clip", "ema_decay")
-                else int
-            )
-            optional = "None" in str(field.type)
-            group.add_argument(
-                flag, type=_optional(kind) if optional else kind, default=default, help=help_text
-            )
+            kind = float if field.type.startswith("float") else int  # the annotations are strings here
+            parse = _optional(kind) if field.type.endswith("| None") else kind
+            group.add_argument(flag, type=parse, default=default, help=help_text)
     return group
 
 
@@ -513,11 +507,19 @@ class ResumableLoader:
         drop_last: Drop each epoch's last incomplete batch (``False``: hand it out smaller).
 
     Example:
-        >>> data = ResumableLoader([10, 20, 30, 40], [0, 1, 2, 3], 2, seed=0, collate_fn=list)
+        >>> class Squares(torch.utils.data.Dataset):
+        ...     def __len__(self):
+        ...         return 4
+        ...
+        ...     def __getitem__(self, key):
+        ...         index, item_seed = key  # draw any randomness from item_seed
+        ...         return index * index
+        >>> data = ResumableLoader(Squares(), range(4), 2, seed=0, collate_fn=list)
         >>> stream = iter(data)
-        >>> batch = next(stream)
-        >>> len(batch), data.state_dict()["batch"]
-        (2, 1)
+        >>> sorted(next(stream) + next(stream))  # one epoch: every index once
+        [0, 1, 4, 9]
+        >>> data.state_dict()["epoch"], data.state_dict()["batch"]
+        (1, 0)
     """
 
     def __init__(
@@ -922,9 +924,8 @@ def _read_log(path: Path) -> tuple[list[str], list[dict[str, str]]]:
         return [], []
     with open(path, newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
-        rows = [
-            row for row in reader if None not in row.values() and None not in row
-        ]  # drops a cut last line
+        # a line cut by a kill has missing (None) values: dropped
+        rows = [row for row in reader if None not in row.values() and None not in row]
         return list(reader.fieldnames or []), rows
 
 
@@ -950,6 +951,14 @@ def _plot_log(columns: list[str], rows: list[dict[str, str]], out_dir: Path) -> 
         return [float(row[name]) if row[name] not in ("", "nan") else math.nan for row in rows]
 
     written = []
+
+    def save(figure: Any, name: str, dpi: int) -> None:
+        figure.tight_layout()
+        with atomic_file(out_dir / name) as temporary:
+            figure.savefig(temporary, dpi=dpi, format="png")
+        plt.close(figure)
+        written.append(name)
+
     figure, axes = plt.subplots(figsize=(6, 3.5))
     loss = series("loss")
     axes.plot(steps, loss, linewidth=0.9)
@@ -957,11 +966,7 @@ def _plot_log(columns: list[str], rows: list[dict[str, str]], out_dir: Path) -> 
     axes.set_ylabel("loss (mean over the logged steps)")
     if all(value > 0 for value in loss if math.isfinite(value)):
         axes.set_yscale("log")
-    figure.tight_layout()
-    with atomic_file(out_dir / "loss.png") as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
-    written.append("loss.png")
+    save(figure, "loss.png", 120)
 
     names = [name for name in columns if name != "step"]
     width = min(3, len(names))
@@ -973,11 +978,7 @@ def _plot_log(columns: list[str], rows: list[dict[str, str]], out_dir: Path) -> 
         axes.set_xlabel("step", fontsize=8)
     for axes in list(grid.flat)[len(names) :]:
         axes.axis("off")
-    figure.tight_layout()
-    with atomic_file(out_dir / "curves.png") as temporary:
-        figure.savefig(temporary, dpi=100, format="png")
-    plt.close(figure)
-    written.append("curves.png")
+    save(figure, "curves.png", 100)
     return written
 
 
@@ -1041,7 +1042,7 @@ class _Interval:
 
     def __init__(self) -> None:
         self.count = 0
-        self.sums: dict[str, float] = {}
+        self.sums: dict[str, float] = {}  # loss, grad_norm and the stage's values
         self.lr = math.nan
         self.step_seconds = 0.0
         self.wait_seconds = 0.0
@@ -1055,10 +1056,10 @@ class _Interval:
         self.wait_seconds += wait_seconds
 
     def state_dict(self) -> dict[str, Any]:
-        return {"count": self.count, "sums": dict(self.sums), "lr": self.lr}
+        return dict(vars(self))
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.count, self.sums, self.lr = int(state["count"]), dict(state["sums"]), float(state["lr"])
+        vars(self).update(state)
 
 
 class _Run:
@@ -1130,6 +1131,7 @@ class _Run:
             self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        self.loader.load_state_dict(state["loader"])
         self.step = self.checkpoint_step = int(state["step"])
         self.interval.load_state_dict(state["interval"])
         self.eval_history = dict(state["eval_history"])
