@@ -128,12 +128,15 @@ class TinyStage:
         self.evaluated.append((step, model))
         x = torch.randn(64, IN)  # the global RNG: restored by the engine afterwards
         y = x @ NoisyPairs(1).weight
+        x, y = x.to(next(model.parameters()).device), y.to(next(model.parameters()).device)
         (out_dir / "note.txt").write_text(f"step {step}\n")
         return {"eval_mse": float((model(x) - y).square().mean()), "random": random.random()}
 
     def export(self, model: nn.Module, out_dir: Path) -> None:
         self.exported.append(model)
-        save_file({name: value.contiguous() for name, value in model.state_dict().items()}, out_dir / "w.st")
+        save_file(
+            {name: value.cpu().contiguous() for name, value in model.state_dict().items()}, out_dir / "w.st"
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

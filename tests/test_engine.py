@@ -632,14 +632,19 @@ def test_activation_checkpointing_keeps_results_and_saves_activations():
 
 @pytest.mark.gpu
 def test_fit_on_cuda_uses_bf16_fused_adamw_and_pinned_workers(tmp_path):
+    stage = TinyStage(num_workers=2, pin_memory=True, sigterm_at=13)
+    folder = tmp_path / "run"
+    with pytest.raises(RunInterrupted):
+        fit(stage, DEFAULTS, folder, device="cuda", progress=False)
+    assert checkpoint(folder)["rng"]["cuda"] is not None  # the CUDA RNG states are saved
     stage = TinyStage(num_workers=2, pin_memory=True)
-    optim = dataclasses.replace(DEFAULTS, steps=40)
-    result = fit(stage, optim, tmp_path / "run", device="cuda", progress=False)
-    assert result.status == "complete"
+    result = fit(stage, DEFAULTS, folder, device="cuda", resume=True, progress=False)
+    assert result.status == "complete" and result.step == DEFAULTS.steps
     assert stage.prediction_dtypes == {torch.bfloat16}
-    assert checkpoint(tmp_path / "run")["optimizer"]["param_groups"][0]["fused"] is True
+    assert checkpoint(folder)["optimizer"]["param_groups"][0]["fused"] is True
     assert 0.0 <= result.metrics["throughput"]["data_wait_share"] <= 1.0
     assert math.isfinite(result.metrics["last_log"]["loss"])
+    assert math.isfinite(result.metrics["final_eval"]["eval_mse"])
 
 
 def test_docstring_examples():

@@ -1019,7 +1019,11 @@ def _set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None
 def _preserved_rng(device: torch.device) -> Iterator[None]:
     """Restores the global Python, NumPy and torch RNGs on exit (evaluation must not move them)."""
     python_state, numpy_state = random.getstate(), np.random.get_state()  # noqa: NPY002
-    devices = [device.index or 0] if device.type == "cuda" else []
+    devices = (
+        [torch.cuda.current_device() if device.index is None else device.index]
+        if device.type == "cuda"
+        else []
+    )
     with torch.random.fork_rng(devices=devices, device_type="cuda"):
         try:
             yield
