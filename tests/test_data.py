@@ -29,11 +29,12 @@ SIZE, VIEWS, COND, R = 32, 6, 2, 16
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory: pytest.TempPathFactory):
-    """Four procedural assets with rgb features at R = 16 (voxels at 16 too)."""
+    """Three training and one held-out procedural asset with rgb features at R = 16 (voxels at 16 too)."""
     root = tmp_path_factory.mktemp("data")
     generate_dataset(
         root,
-        4,
+        3,
+        heldout=1,
         seed=3,
         image_size=SIZE,
         num_views=VIEWS,
@@ -233,7 +234,7 @@ def test_prepare_end_to_end_resumable_and_atomic(tmp_path, monkeypatch) -> None:
     )
     report = prepare.main(["--root", str(root), "--resolution", "16", "--views", "2", "--quiet"])
     assert report.written == 2 and report.existing == 0 and not report.failed
-    outputs = sorted((root / "features" / "rgb").iterdir())
+    outputs = sorted((root / "features" / "rgb").glob("*.npz"))
     assert len(outputs) == 2 and all(path.suffix == ".npz" for path in outputs)
     stamps = [path.stat().st_mtime_ns for path in outputs]
     metadata = (root / "metadata.csv").read_text()
@@ -259,11 +260,11 @@ def test_prepare_end_to_end_resumable_and_atomic(tmp_path, monkeypatch) -> None:
 
     monkeypatch.setattr(prepare.np, "savez", killed)
     with pytest.raises(KeyboardInterrupt):
-        prepare.prepare_dataset(root, RGBFeatures(), "rgb", resolution=16, progress=False)
+        prepare.prepare_dataset(root, RGBFeatures(), "rgb", resolution=16, num_views=2, progress=False)
     assert not outputs[0].exists()
     assert not [p for p in root.rglob("*") if p.name.endswith(".tmp")]
     monkeypatch.setattr(prepare.np, "savez", real_savez)
-    resumed = prepare.prepare_dataset(root, RGBFeatures(), "rgb", resolution=16, progress=False)
+    resumed = prepare.prepare_dataset(root, RGBFeatures(), "rgb", resolution=16, num_views=2, progress=False)
     assert resumed.written == 1 and resumed.existing == 1
 
 
