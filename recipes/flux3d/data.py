@@ -1470,11 +1470,31 @@ def collate_decoder(items: Sequence[DecoderItem]) -> DecoderBatch:
     )
 
 
+class _StoreDataset(torch.utils.data.Dataset):
+    """What both training datasets share: the store, the latent options, ``(index, item_seed)`` keys."""
+
+    def __init__(self, store: AssetStore, noisy: bool, stats: FeatureStats | None) -> None:
+        if stats is not None and stats.channels != store.channels:
+            raise ValueError(
+                f"stats: expected {store.channels} channels (the features'), got {stats.channels}"
+            )
+        self.store = store
+        self.noisy = noisy
+        self.stats = stats
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def _asset(self, key: object) -> tuple[OpenedAsset, torch.Generator]:
+        index, item_seed = _parse_key(key)
+        return self.store[index], torch.Generator().manual_seed(item_seed)
+
+
 BACKGROUNDS = {"white": (1.0, 1.0, 1.0), "black": (0.0, 0.0, 0.0)}
 """Named backgrounds of the [`DecoderDataset`][recipes.flux3d.data.DecoderDataset] (or ``"random"``)."""
 
 
-class DecoderDataset(torch.utils.data.Dataset):
+class DecoderDataset(_StoreDataset):
     """Decoder-stage items: an asset's latent volume and ``K`` target views with their cameras.
 
     ``dataset[(index, item_seed)]`` draws everything random from
@@ -1529,25 +1549,14 @@ class DecoderDataset(torch.utils.data.Dataset):
             if colour.shape != (3,) or not bool(((colour >= 0) & (colour <= 1)).all()):
                 raise ValueError(f"background: expected an RGB triple in [0, 1], got {background!r}")
             self._background = colour
-        if stats is not None and stats.channels != store.channels:
-            raise ValueError(
-                f"stats: expected {store.channels} channels (the features'), got {stats.channels}"
-            )
-        self.store = store
+        super().__init__(store, noisy, stats)
         self.views_per_item = views_per_item
         self.frames = frames
-        self.noisy = noisy
-        self.stats = stats
 
     collate = staticmethod(collate_decoder)
 
-    def __len__(self) -> int:
-        return len(self.store)
-
     def __getitem__(self, key: tuple[int, int]) -> DecoderItem:
-        index, item_seed = _parse_key(key)
-        asset = self.store[index]
-        generator = torch.Generator().manual_seed(item_seed)
+        asset, generator = self._asset(key)
         views = asset.renders
         assert views is not None
         if self.frames is None:
@@ -1630,7 +1639,7 @@ def collate_latents(items: Sequence[LatentItem]) -> LatentBatch:
     )
 
 
-class LatentDataset(torch.utils.data.Dataset):
+class LatentDataset(_StoreDataset):
     """SMDiT-stage items: an asset's latent volume and one condition view.
 
     ``dataset[(index, item_seed)]`` draws from ``torch.Generator().manual_seed(item_seed)``: first the
@@ -1661,24 +1670,13 @@ class LatentDataset(torch.utils.data.Dataset):
                         f"cond_view: expected a frame in [0, {len(asset.cond)}) of asset {asset.sha256}, "  # type: ignore[arg-type]
                         f"got {cond_view}"
                     )
-        if stats is not None and stats.channels != store.channels:
-            raise ValueError(
-                f"stats: expected {store.channels} channels (the features'), got {stats.channels}"
-            )
-        self.store = store
+        super().__init__(store, noisy, stats)
         self.cond_view = cond_view
-        self.noisy = noisy
-        self.stats = stats
 
     collate = staticmethod(collate_latents)
 
-    def __len__(self) -> int:
-        return len(self.store)
-
     def __getitem__(self, key: tuple[int, int]) -> LatentItem:
-        index, item_seed = _parse_key(key)
-        asset = self.store[index]
-        generator = torch.Generator().manual_seed(item_seed)
+        asset, generator = self._asset(key)
         views = asset.cond
         assert views is not None
         if self.cond_view is None:

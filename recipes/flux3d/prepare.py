@@ -418,9 +418,14 @@ def main(argv: Sequence[str] | None = None) -> PrepareReport:
     parser.add_argument("--root", required=True, help="dataset folder (TRELLIS layout)")
     parser.add_argument("--extractor", choices=EXTRACTORS, default="rgb", help="feature extractor")
     parser.add_argument("--weights", default=None, help="local weights folder (all extractors but rgb)")
-    parser.add_argument("--name", default=None, help="features/<name> subfolder (default: extractor name)")
-    parser.add_argument("--views", type=int, default=None, help="views per asset (default: all)")
-    parser.add_argument("--image-size", type=int, default=None, help="resize renders (default: as stored)")
+    parser.add_argument("--name", default=None, help="features/<name> subfolder; None: the extractor name")
+    parser.add_argument("--views", type=int, default=None, help="views per asset, evenly spread; None: all")
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="resize renders to this side before encoding; None: as stored",
+    )
     parser.add_argument("--resolution", type=int, default=64, help="voxel grid resolution")
     parser.add_argument("--pool", type=int, default=1, help="average pooling of the rgb extractor")
     parser.add_argument("--batch-size", type=int, default=8, help="views encoded at once")
@@ -433,9 +438,9 @@ def main(argv: Sequence[str] | None = None) -> PrepareReport:
         "--heldout-fraction",
         type=float,
         default=None,
-        help="held-out fraction of the stored split rule, for folders without a split column (default 0.1)",
+        help="held-out fraction of the stored split rule, for folders without a split column; None: 0.1",
     )
-    parser.add_argument("--split-seed", type=int, default=None, help="seed of that rule (default 0)")
+    parser.add_argument("--split-seed", type=int, default=None, help="seed of that rule; None: 0")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     extractor = build_extractor(args.extractor, args.weights, pool=args.pool, device=args.device)

@@ -2,7 +2,10 @@
 
 From a seed: unions of spheres, boxes, tori and cylinders with high-frequency textures (checkers,
 stripes, glyph text, polygon logos), RGBA renders from Hammersley cameras plus condition views, and
-surface voxels. Run ``python recipes/flux3d/procedural.py --out DIR --num-assets N``.
+surface voxels. Run ``python recipes/flux3d/procedural.py --out DIR --num-assets N --heldout H``: held-out
+assets come from a seed stream disjoint from the training one, ``metadata.csv`` marks them in its ``split``
+column, and ``dataset.json`` records the settings and whether the generation completed (re-running the same
+command resumes an interrupted one).
 """
 
 from __future__ import annotations
@@ -965,7 +968,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--views", type=int, default=24, help="Hammersley views per asset")
     parser.add_argument("--cond-views", type=int, default=4, help="condition views per asset")
     parser.add_argument(
-        "--cond-resolution", type=int, default=None, help="condition render side (default: --resolution)"
+        "--cond-resolution", type=int, default=None, help="condition render side; None: --resolution"
     )
     parser.add_argument("--voxel-resolution", type=int, default=64, help="voxel grid resolution")
     parser.add_argument("--seed", type=int, default=0, help="dataset seed")
@@ -973,13 +976,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--textures",
         type=lambda text: tuple(text.split(",")),
-        default=TEXTURES,
+        default=",".join(TEXTURES),
         help=f"comma-separated texture kinds drawn from, of {','.join(TEXTURES)}",
     )
     parser.add_argument(
         "--texture-cells",
         type=_int_list,
-        default=TextureOptions().cells,
+        default=",".join(str(c) for c in TextureOptions().cells),
         help="comma-separated checker cells / stripe periods per texture tile (one drawn per texture)",
     )
     parser.add_argument(
