@@ -5,16 +5,18 @@ from __future__ import annotations
 import csv
 import json
 import math
+import random
 
 import numpy as np
 import pytest
 import torch
 
-from recipes.flux3d import procedural
-from recipes.flux3d.data import load_rgba, read_voxel_ply
+from recipes.flux3d import prepare, procedural
+from recipes.flux3d.data import AssetDataset, DatasetError, load_rgba, read_voxel_ply, split_assets
 from recipes.flux3d.procedural import (
     AssetSpec,
     Primitive,
+    TextureOptions,
     asset_sdf,
     generate_asset,
     generate_dataset,
@@ -44,7 +46,12 @@ def dataset(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _tree(root) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    """Every file's bytes, but ``dataset.json`` (its command names the folder)."""
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != "dataset.json"
+    }
 
 
 def test_deterministic_by_seed(tmp_path, dataset) -> None:
@@ -64,6 +71,8 @@ def test_deterministic_by_seed(tmp_path, dataset) -> None:
     )
     assert again == rows
     assert _tree(tmp_path) == _tree(root)  # byte-identical files
+    first, second = (json.loads((r / "dataset.json").read_text()) for r in (root, tmp_path))
+    assert first["settings"] == second["settings"] and first["complete"] is second["complete"] is True
     other = generate_asset(
         tmp_path / "other", 8, 0, image_size=SIZE, num_views=2, num_cond_views=0, voxel_resolution=R
     )
@@ -215,3 +224,150 @@ def test_cli(tmp_path) -> None:
     )
     assert (tmp_path / "metadata.csv").is_file()
     assert len(list((tmp_path / "voxels").glob("*.ply"))) == 1
+
+
+def _small(root, num_assets: int, **options):
+    settings = dict(
+        image_size=16, num_views=2, num_cond_views=1, voxel_resolution=8, max_steps=48, progress=False
+    )
+    return generate_dataset(root, num_assets, **(settings | options))
+
+
+def test_heldout_assets_come_from_a_disjoint_seed_stream(tmp_path) -> None:
+    rows = _small(tmp_path, 2, heldout=1, seed=4)
+    assert [row["split"] for row in rows] == ["train", "train", "heldout"]
+    assert [row["sha256"] for row in rows] == [
+        sample_asset(4, 0).sha256,
+        sample_asset(4, 1).sha256,
+        sample_asset(4 + procedural.HELDOUT_SEED_OFFSET, 0).sha256,
+    ]
+    assert rows[2]["file_identifier"] == f"procedural/{4 + procedural.HELDOUT_SEED_OFFSET}/0"
+    with open(tmp_path / "metadata.csv", newline="") as handle:
+        assert [row["split"] for row in csv.DictReader(handle)] == ["train", "train", "heldout"]
+    record = json.loads((tmp_path / "dataset.json").read_text())
+    assert record["complete"] is True and record["counts"] == {"train": 2, "heldout": 1}
+    assert record["seeds"] == {"train": 4, "heldout": 4 + procedural.HELDOUT_SEED_OFFSET}
+    assert "--num-assets 2 --heldout 1 --seed 4" in record["command"]
+
+
+def test_an_interrupted_run_is_refused_until_resumed(tmp_path, monkeypatch) -> None:
+    real = procedural.generate_asset
+    rendered = []
+
+    def generate(*args, **kwargs):
+        if len(rendered) == 1:
+            raise KeyboardInterrupt  # killed while making the second asset
+        row = real(*args, **kwargs)
+        rendered.append(row["sha256"])
+        return row
+
+    monkeypatch.setattr(procedural, "generate_asset", generate)
+    with pytest.raises(KeyboardInterrupt):
+        _small(tmp_path, 2, heldout=1)
+    record = json.loads((tmp_path / "dataset.json").read_text())
+    assert record["complete"] is False and record["done"] == 1 and record["total"] == 3
+    with pytest.raises(
+        DatasetError,
+        match=r"incomplete.*\(1 of 3 assets done\).*re-run `python recipes/flux3d/"
+        r"procedural.py --out .* --num-assets 2 --heldout 1",
+    ):
+        split_assets(tmp_path)
+    with pytest.raises(DatasetError, match="incomplete"):
+        prepare.main(["--root", str(tmp_path), "--quiet"])
+    with pytest.raises(DatasetError, match="incomplete"):
+        AssetDataset(tmp_path, None)
+    # the same settings resume: the finished asset is kept, not rendered again
+    monkeypatch.setattr(procedural, "generate_asset", real)
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "renders").rglob("*.png")}
+    monkeypatch.setattr(procedural, "render_asset", _counting(procedural.render_asset, calls := []))
+    rows = _small(tmp_path, 2, heldout=1)
+    assert len(rows) == 3 and [row["sha256"] for row in rows[:1]] == rendered
+    assert all(p.stat().st_mtime_ns == stamp for p, stamp in stamps.items())
+    assert len(calls) == 2 * 2  # renders and condition renders of the two missing assets
+    assert [row["num_voxels"] for row in rows[:1]] == [
+        read_voxel_ply(tmp_path / "voxels" / f"{sha}.ply").shape[0] for sha in rendered
+    ]
+    assert json.loads((tmp_path / "dataset.json").read_text())["complete"] is True
+    assert [len(ids) for ids in split_assets(tmp_path)] == [2, 1]
+    # other settings are refused, naming the setting and both values; --overwrite renders again
+    with pytest.raises(
+        ValueError, match="image_size: the dataset .* made with image_size=16, this run asks for 24"
+    ):
+        _small(tmp_path, 2, heldout=1, image_size=24)
+    with pytest.raises(ValueError, match="textures: .*made with textures={}"):
+        _small(tmp_path, 2, textures=TextureOptions(kinds=("stripes",)))
+    rows = _small(tmp_path, 1, image_size=24, overwrite=True)
+    assert load_rgba(tmp_path / "renders" / rows[0]["sha256"] / "000.png").shape == (4, 24, 24)
+
+
+def _counting(function, calls):
+    def wrapper(*args, **kwargs):
+        calls.append(1)
+        return function(*args, **kwargs)
+
+    return wrapper
+
+
+def _transitions(texture: torch.Tensor) -> tuple[int, int]:
+    """Colour changes along the middle row and the middle column of a ``[3, T, T]`` texture."""
+    size = texture.shape[-1]
+    row, column = texture[:, size // 2 + 1], texture[:, :, size // 2 + 1]
+    count = lambda line: int((line[:, 1:] != line[:, :-1]).any(0).sum())  # noqa: E731
+    return count(row), count(column)
+
+
+@pytest.mark.parametrize("cells, colours", [(2, 2), (8, 3), (16, 4)])
+def test_checker_and_stripe_options(cells: int, colours: int) -> None:
+    options = TextureOptions(kinds=("checker", "stripes"), cells=(cells,), colours=colours, size=128)
+    checker = procedural._texture("checker", 128, random.Random(0), options)
+    colours_used = {tuple(v) for v in checker.reshape(3, -1).T.tolist()}
+    assert len(colours_used) == colours
+    assert _transitions(checker) == (cells - 1, cells - 1)
+    stripes = procedural._texture("stripes", 128, random.Random(1), options)
+    assert len({tuple(v) for v in stripes.reshape(3, -1).T.tolist()}) == colours
+    assert sorted(_transitions(stripes)) == [0, cells * colours - 1]  # bands across one axis only
+    with pytest.raises(ValueError, match="cells: expected counts >= 1 with cells \\* colours <= size"):
+        TextureOptions(cells=(64,), colours=4, size=128)
+    with pytest.raises(ValueError, match="kinds: expected a non-empty subset"):
+        TextureOptions(kinds=("plaid",))
+
+
+@pytest.mark.parametrize("size", [96, pytest.param(256, marks=pytest.mark.slow)])
+def test_high_frequency_stripes_reach_the_renders_of_32_cube_grids(tmp_path, size: int) -> None:
+    """The ``small`` preset's data: stripes of several frequencies and colours, renders at 256 px for 32^3
+    (one 8x VAE latent pixel then covers about 1.5 voxels); 96 px in the default suite."""
+    edges = []
+    for cells in (2, 8):
+        options = TextureOptions(kinds=("stripes",), cells=(cells,), colours=3)
+        row = generate_asset(
+            tmp_path / str(cells),
+            0,
+            4,
+            image_size=size,
+            num_views=1,
+            num_cond_views=0,
+            voxel_resolution=32,
+            max_steps=64,
+            textures=options,
+        )
+        image = load_rgba(tmp_path / str(cells) / "renders" / row["sha256"] / "000.png")
+        assert image.shape == (4, size, size)
+        assert (
+            read_voxel_ply(tmp_path / str(cells) / "voxels" / f"{row['sha256']}.ply").shape[0]
+            == row["num_voxels"]
+        )
+        inside = (image[3, 1:, 1:] > 0) & (image[3, :-1, 1:] > 0) & (image[3, 1:, :-1] > 0)
+        gradient = (image[:3, 1:, 1:] - image[:3, :-1, 1:]).abs().sum(0) + (
+            image[:3, 1:, 1:] - image[:3, 1:, :-1]
+        ).abs().sum(0)
+        edges.append(float(gradient[inside].mean()))
+        assert sample_asset(0, 4, textures=options).sha256 == row["sha256"] != sample_asset(0, 4).sha256
+    assert edges[1] > 2.5 * edges[0]  # four times the stripes, about four times the colour edges
+
+
+def test_cli_options_are_checked(tmp_path) -> None:
+    with pytest.raises(SystemExit):
+        procedural.main(["--out", str(tmp_path), "--texture-colours", "1"])
+    with pytest.raises(SystemExit):
+        procedural.main(["--out", str(tmp_path), "--texture-cells", "2,x"])
+    assert not (tmp_path / "dataset.json").exists()

@@ -11,11 +11,13 @@ SIZE, VIEWS, COND, R = 32, 4, 4, 16
 """Image size (px), views, condition views and voxel resolution of the tiny dataset."""
 
 
-def make_prepared_dataset(root: Path) -> Path:
-    """Three procedural assets (32 px, 4 views, 4 condition views, R = 16) with rgb features, in ``root``."""
+def make_prepared_dataset(root: Path, heldout: int = 0) -> Path:
+    """Three procedural training assets (32 px, 4 views, 4 condition views, R = 16) and ``heldout`` held-out
+    ones (a disjoint seed stream), with rgb features and their statistics, in ``root``."""
     generate_dataset(
         root,
         3,
+        heldout=heldout,
         seed=5,
         image_size=SIZE,
         num_views=VIEWS,

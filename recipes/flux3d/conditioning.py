@@ -26,6 +26,14 @@ FEATURE_EXTRACTORS = {"rgb": "rgb", "flux_vae": "flux-vae", "sdxl_vae": "sdxl-va
 extractor name with ``-`` replaced by ``_``)."""
 
 
+_EXTRACTOR_CLASSES = {
+    "RGBFeatures": "rgb",
+    "FluxVAEFeatures": "flux-vae",
+    "SDXLVAEFeatures": "sdxl-vae",
+    "DINOv2Features": "dinov2",
+}
+
+
 def find_feature_folder(root: str | os.PathLike[str], feature_name: str | None = None) -> str:
     """Picks the ``features/<name>`` subfolder of a prepared dataset.
 
@@ -63,13 +71,19 @@ def find_feature_folder(root: str | os.PathLike[str], feature_name: str | None =
     return present[0]
 
 
-def extractor_for_feature(feature_name: str, extractor: str | None = None) -> str:
+def extractor_for_feature(
+    feature_name: str, extractor: str | None = None, *, root: str | os.PathLike[str] | None = None
+) -> str:
     """The extractor a ``features/<feature_name>`` folder was built with.
+
+    Told, in this order, by ``extractor``, by the folder's ``features.json`` (``prepare.py`` records the
+    extractor there) when ``root`` is given, or by the folder name.
 
     Args:
         feature_name: Feature folder name (``rgb``, ``flux_vae``, ``sdxl_vae``, ``dinov2`` as ``prepare.py``
             names them).
         extractor: Explicit extractor name for folders made with ``prepare.py --name`` (wins if given).
+        root: Dataset folder, to read the recorded extractor.
 
     Returns:
         An extractor name of ``FEATURE_EXTRACTORS``'s values.
@@ -82,6 +96,15 @@ def extractor_for_feature(feature_name: str, extractor: str | None = None) -> st
         if extractor not in known:
             raise ValueError(f"extractor: expected one of {known}, got {extractor!r}")
         return extractor
+    if root is not None:
+        from recipes.flux3d.data import FEATURES_RECORD, read_record
+
+        settings = (read_record(Path(root) / "features" / feature_name / FEATURES_RECORD) or {}).get(
+            "settings", {}
+        )
+        recorded = settings.get("extractor") or _EXTRACTOR_CLASSES.get(settings.get("extractor_class"))
+        if recorded in known:
+            return recorded
     if feature_name not in FEATURE_EXTRACTORS:
         raise ValueError(
             f"feature: cannot tell which extractor built features/{feature_name} (expected a folder named "

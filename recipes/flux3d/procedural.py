@@ -2,13 +2,16 @@
 
 From a seed: unions of spheres, boxes, tori and cylinders with high-frequency textures (checkers,
 stripes, glyph text, polygon logos), RGBA renders from Hammersley cameras plus condition views, and
-surface voxels. Run ``python recipes/flux3d/procedural.py --out DIR --num-assets N``.
+surface voxels. Run ``python recipes/flux3d/procedural.py --out DIR --num-assets N --heldout H``: held-out
+assets come from a seed stream disjoint from the training one, ``metadata.csv`` marks them in its ``split``
+column, and ``dataset.json`` records the settings and whether the generation completed (re-running the same
+command resumes an interrupted one).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import functools
 import hashlib
 import io
@@ -21,14 +24,27 @@ import string
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sparse3d.geometry import (
+if __package__ in (None, ""):  # run as a script: make `recipes` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from recipes.flux3d.data import (  # noqa: E402
+    DATASET_RECORD,
+    SPLITS,
+    check_settings,
+    read_record,
+    read_voxel_ply,
+    write_atomic,
+    write_metadata_table,
+    write_record,
+)
+from sparse3d.geometry import (  # noqa: E402
     sphere_cameras,
     sphere_hammersley,
     voxel_centers,
@@ -38,6 +54,8 @@ from sparse3d.geometry import (
 __all__ = [
     "Primitive",
     "AssetSpec",
+    "TextureOptions",
+    "HELDOUT_SEED_OFFSET",
     "KINDS",
     "TEXTURES",
     "METADATA_COLUMNS",
@@ -57,6 +75,9 @@ KINDS = ("sphere", "box", "torus", "cylinder")
 """Primitive kinds."""
 TEXTURES = ("checker", "stripes", "glyphs", "logo")
 """Texture kinds."""
+HELDOUT_SEED_OFFSET = 2_147_483_647
+"""Held-out assets of a dataset with seed ``s`` come from stream ``s + HELDOUT_SEED_OFFSET`` (a large odd
+number, 2^31 - 1), disjoint from the training stream ``s``."""
 METADATA_COLUMNS = (
     "sha256",
     "file_identifier",
@@ -67,8 +88,55 @@ METADATA_COLUMNS = (
     "voxelized",
     "num_voxels",
     "cond_rendered",
+    "split",
 )
-"""The TRELLIS ``metadata.csv`` columns written here (prepare.py adds ``feature_<name>`` columns)."""
+"""The ``metadata.csv`` columns written here: TRELLIS's, plus ``split`` (``train`` / ``heldout``);
+``prepare.py`` adds ``feature_<name>`` columns."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TextureOptions:
+    """What the procedural textures look like (the ``small`` preset wants high frequencies).
+
+    Attributes:
+        kinds: Texture kinds drawn from (a subset of ``TEXTURES``), e.g. ``("checker", "stripes")``.
+        cells: Checker cells and stripe periods per texture tile; each texture draws one. A tile covers
+            0.25–0.6 world units, so 8 periods on a 0.25 tile are one voxel wide at ``R = 32``.
+        colours: Colours of a checker or stripe pattern (2: two-colour patterns).
+        size: Texture image side in pixels.
+    """
+
+    kinds: tuple[str, ...] = TEXTURES
+    cells: tuple[int, ...] = (2, 4, 8)
+    colours: int = 2
+    size: int = 128
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "kinds", tuple(self.kinds))
+        object.__setattr__(self, "cells", tuple(int(c) for c in self.cells))
+        unknown = [kind for kind in self.kinds if kind not in TEXTURES]
+        if not self.kinds or unknown:
+            raise ValueError(f"kinds: expected a non-empty subset of {TEXTURES}, got {list(self.kinds)}")
+        if self.size < 8:
+            raise ValueError(f"size: expected >= 8 texture pixels, got {self.size}")
+        if not 2 <= self.colours <= 16:
+            raise ValueError(f"colours: expected 2 to 16 colours, got {self.colours}")
+        bad = [c for c in self.cells if not 1 <= c or c * self.colours > self.size]
+        if not self.cells or bad:
+            raise ValueError(
+                f"cells: expected counts >= 1 with cells * colours <= size ({self.size}) so every band is at "
+                f"least a pixel, got {list(self.cells)}"
+            )
+
+    def changed(self) -> dict:
+        """The options that differ from the defaults (JSON-ready)."""
+        default = TextureOptions()
+        return {
+            f.name: list(value) if isinstance(value, tuple) else value
+            for f in dataclasses.fields(self)
+            if (value := getattr(self, f.name)) != getattr(default, f.name)
+        }
+
 
 _LIGHTS = ((4.0, 1.0, 6.0, 0.75), (-3.0, -2.0, 2.0, 0.3), (0.0, 0.0, -1.0, 0.15))  # direction, intensity
 _AMBIENT = 0.25
@@ -109,6 +177,7 @@ class AssetSpec:
         index: Asset index within the dataset.
         scale: Normalisation scale applied to the raw shape.
         offset: Normalisation offset ``(x, y, z)``.
+        textures: The texture options it was drawn with.
     """
 
     primitives: tuple[Primitive, ...]
@@ -116,10 +185,13 @@ class AssetSpec:
     index: int
     scale: float
     offset: tuple[float, float, float]
+    textures: TextureOptions = field(default_factory=lambda: TextureOptions())
 
     def description(self) -> dict:
-        """A JSON-serialisable summary of the shape and textures, hashed into ``sha256``."""
-        return {
+        """A JSON-serialisable summary of the shape and textures, hashed into ``sha256`` (texture options
+        only where they differ from the defaults, so default assets keep their ids)."""
+        options = self.textures.changed()
+        return ({"texture_options": options} if options else {}) | {
             "seed": self.seed,
             "index": self.index,
             "primitives": [
@@ -183,32 +255,44 @@ def _half_extents(kind: str, rotation: torch.Tensor, params: Sequence[float]) ->
     raise ValueError(f"kind: expected one of {KINDS}, got {kind!r}")
 
 
-def _texture(kind: str, size: int, rng: random.Random) -> torch.Tensor:
-    """A ``[3, size, size]`` texture in ``[0, 1]`` drawn with PIL."""
+def _texture(kind: str, size: int, rng: random.Random, options: TextureOptions | None = None) -> torch.Tensor:
+    """A ``[3, size, size]`` texture in ``[0, 1]`` drawn with PIL.
+
+    Checkers and stripes take their cell / period count from ``options.cells`` and cycle through
+    ``options.colours`` colours (each at least 200 levels, summed over RGB, from the one before it).
+    """
     from PIL import Image, ImageDraw, ImageFont
+
+    options = options or TextureOptions()
 
     def colour() -> tuple[int, int, int]:
         return tuple(rng.randrange(256) for _ in range(3))  # type: ignore[return-value]
 
-    background, foreground = colour(), colour()
-    while sum(abs(a - b) for a, b in zip(background, foreground, strict=True)) < 200:
-        foreground = colour()
+    palette = [colour()]
+    for _ in range(options.colours - 1):
+        candidate = colour()
+        while sum(abs(a - b) for a, b in zip(palette[-1], candidate, strict=True)) < 200:
+            candidate = colour()
+        palette.append(candidate)
+    background, foreground = palette[0], palette[1]
     image = Image.new("RGB", (size, size), background)
     draw = ImageDraw.Draw(image)
     if kind == "checker":
-        cells = rng.choice((2, 4, 8))
+        cells = rng.choice(options.cells)
         step = size // cells
         for row in range(cells):
             for col in range(cells):
-                if (row + col) % 2:
-                    draw.rectangle(
-                        [col * step, row * step, (col + 1) * step - 1, (row + 1) * step - 1], foreground
-                    )
+                if (row + col) % len(palette):
+                    fill = palette[(row + col) % len(palette)]
+                    draw.rectangle([col * step, row * step, (col + 1) * step - 1, (row + 1) * step - 1], fill)
     elif kind == "stripes":
-        count = rng.choice((2, 4, 8))
+        count = rng.choice(options.cells)
         step = size // count
+        band = step // len(palette)  # one period: palette[1], palette[2], ..., then the background
         for index in range(count):
-            draw.rectangle([0, index * step, size - 1, index * step + step // 2 - 1], foreground)
+            for number, fill in enumerate(palette[1:]):
+                top = index * step + number * band
+                draw.rectangle([0, top, size - 1, top + band - 1], fill)
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.ROTATE_90)
     elif kind == "glyphs":
@@ -231,7 +315,7 @@ def _texture(kind: str, size: int, rng: random.Random) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()  # [3, T, T]
 
 
-def sample_asset(seed: int, index: int, *, texture_size: int = 128) -> AssetSpec:
+def sample_asset(seed: int, index: int, *, textures: TextureOptions | None = None) -> AssetSpec:
     """Draws asset ``index`` of dataset ``seed`` (independent of how many assets are generated).
 
     1 to 3 primitives with random sizes, positions and rotations, each with its own texture, then
@@ -241,13 +325,14 @@ def sample_asset(seed: int, index: int, *, texture_size: int = 128) -> AssetSpec
     Args:
         seed: Dataset seed.
         index: Asset index.
-        texture_size: Side of each texture image in pixels.
+        textures: Texture options (default ``TextureOptions()``); non-default options enter ``sha256``.
 
     Returns:
         The normalised ``AssetSpec``.
     """
     if index < 0:
         raise ValueError(f"index: expected >= 0, got {index}")
+    textures = textures or TextureOptions()
     key = int.from_bytes(hashlib.sha256(f"{seed}:{index}".encode()).digest()[:8], "little")
     rng = torch.Generator().manual_seed(key)
     text_rng = random.Random(key)
@@ -267,7 +352,7 @@ def sample_asset(seed: int, index: int, *, texture_size: int = 128) -> AssetSpec
         if number:
             centre = torch.tensor(_uniform(rng, -0.35, 0.35, 3), dtype=torch.float64)
         rotation = _random_rotation(rng)
-        texture_kind = TEXTURES[int(torch.randint(len(TEXTURES), (1,), generator=rng))]
+        texture_kind = textures.kinds[int(torch.randint(len(textures.kinds), (1,), generator=rng))]
         tile = _uniform(rng, 0.25, 0.6)[0]
         raw.append((kind, centre, rotation, params, texture_kind, tile))
     low = torch.stack([c - _half_extents(k, r, p) for k, c, r, p, _, _ in raw]).amin(dim=0)
@@ -280,13 +365,13 @@ def sample_asset(seed: int, index: int, *, texture_size: int = 128) -> AssetSpec
             centre=centre * scale + offset,
             rotation=rotation,
             params=tuple(value * scale for value in params),
-            texture=_texture(texture_kind, texture_size, text_rng),
+            texture=_texture(texture_kind, textures.size, text_rng, textures),
             texture_kind=texture_kind,
             tile=tile,
         )
         for kind, centre, rotation, params, texture_kind, tile in raw
     )
-    return AssetSpec(primitives, seed, index, scale, tuple(offset.tolist()))  # type: ignore[arg-type]
+    return AssetSpec(primitives, seed, index, scale, tuple(offset.tolist()), textures)  # type: ignore[arg-type]
 
 
 def _primitive_sdf(primitive: Primitive, local: torch.Tensor) -> torch.Tensor:
@@ -517,13 +602,6 @@ def surface_voxels(spec: AssetSpec, resolution: int, *, chunk: int = 1 << 18) ->
 # ----------------------------------------------------------------------------------------------- layout
 
 
-def _atomic_bytes(path: Path, payload: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "wb") as handle:
-        handle.write(payload)
-    os.replace(temporary, path)
-
-
 def write_voxel_ply(path: str | os.PathLike[str], coords: torch.Tensor, resolution: int) -> None:
     """Writes voxel centres ``(idx + 0.5) / R - 0.5`` as a vertex-only binary PLY (float x, y, z), atomically.
 
@@ -541,7 +619,7 @@ def write_voxel_ply(path: str | os.PathLike[str], coords: torch.Tensor, resoluti
         f"element vertex {positions.shape[0]}\n"
         "property float x\nproperty float y\nproperty float z\nend_header\n"
     )
-    _atomic_bytes(Path(path), header.encode("ascii") + positions.tobytes())
+    write_atomic(Path(path), header.encode("ascii") + positions.tobytes())
 
 
 def _write_png(path: Path, rgba: torch.Tensor) -> None:
@@ -550,7 +628,7 @@ def _write_png(path: Path, rgba: torch.Tensor) -> None:
     array = (rgba.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()  # [H, W, 4]
     buffer = io.BytesIO()
     Image.fromarray(array, mode="RGBA").save(buffer, format="PNG")
-    _atomic_bytes(path, buffer.getvalue())
+    write_atomic(path, buffer.getvalue())
 
 
 def condition_cameras(
@@ -619,16 +697,19 @@ def generate_asset(
     voxel_resolution: int = 64,
     max_steps: int = 96,
     views_per_batch: int = 8,
+    textures: TextureOptions | None = None,
+    split: str = "train",
+    resume: bool = False,
 ) -> dict[str, object]:
     """Generates, renders and voxelizes one asset into ``root`` (TRELLIS layout); returns its metadata row.
 
     Writes ``renders/<sha256>/{000..}.png`` + ``transforms.json`` (Hammersley cameras, radius 2, FoV 40°,
-    a random offset per asset), ``renders_cond/<sha256>/`` (random FoV in 10–70°), and
-    ``voxels/<sha256>.ply``.
+    a random offset per asset), ``renders_cond/<sha256>/`` (random FoV in 10–70°), and, last,
+    ``voxels/<sha256>.ply``: every file is written atomically, so an existing PLY means the asset is done.
 
     Args:
         root: Dataset folder.
-        seed: Dataset seed.
+        seed: Seed of the asset's stream (the dataset seed, or the held-out stream's).
         index: Asset index.
         image_size: Render side in pixels.
         num_views: Hammersley views.
@@ -637,13 +718,33 @@ def generate_asset(
         voxel_resolution: Voxel grid resolution ``R``.
         max_steps: Sphere-tracing steps per ray.
         views_per_batch: Views traced at once (bounds memory).
+        textures: Texture options (default ``TextureOptions()``).
+        split: The ``split`` column of the row (``train`` or ``heldout``).
+        resume: Return the row of an asset already done (its PLY exists) without rendering it again.
 
     Returns:
         The ``metadata.csv`` row (keys ``METADATA_COLUMNS``).
     """
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {SPLITS}, got {split!r}")
     root = Path(root)
-    spec = sample_asset(seed, index)
+    spec = sample_asset(seed, index, textures=textures)
     sha = spec.sha256
+    ply = root / "voxels" / f"{sha}.ply"
+    row = {
+        "sha256": sha,
+        "file_identifier": f"procedural/{seed}/{index}",
+        "aesthetic_score": 5.0,
+        "captions": json.dumps([spec.caption]),
+        "local_path": "",
+        "rendered": True,
+        "voxelized": True,
+        "num_voxels": 0,
+        "cond_rendered": bool(num_cond_views),
+        "split": split,
+    }
+    if resume and ply.is_file():
+        return row | {"num_voxels": int(read_voxel_ply(ply).shape[0])}
     camera_rng = torch.Generator().manual_seed(int(sha[:15], 16))
     offset = torch.rand(2, generator=camera_rng, dtype=torch.float64).tolist()
     yaw, pitch = sphere_hammersley(num_views, offset)
@@ -657,18 +758,8 @@ def generate_asset(
         )
     coords = surface_voxels(spec, voxel_resolution)
     (root / "voxels").mkdir(parents=True, exist_ok=True)
-    write_voxel_ply(root / "voxels" / f"{sha}.ply", coords, voxel_resolution)
-    return {
-        "sha256": sha,
-        "file_identifier": f"procedural/{seed}/{index}",
-        "aesthetic_score": 5.0,
-        "captions": json.dumps([spec.caption]),
-        "local_path": "",
-        "rendered": True,
-        "voxelized": True,
-        "num_voxels": int(coords.shape[0]),
-        "cond_rendered": bool(num_cond_views),
-    }
+    write_voxel_ply(ply, coords, voxel_resolution)
+    return row | {"num_voxels": int(coords.shape[0])}
 
 
 def write_metadata(root: str | os.PathLike[str], rows: Sequence[dict[str, object]]) -> None:
@@ -676,18 +767,39 @@ def write_metadata(root: str | os.PathLike[str], rows: Sequence[dict[str, object
     columns = list(METADATA_COLUMNS)
     for row in rows:
         columns += [key for key in row if key not in columns]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({key: row.get(key, "") for key in columns})
-    _atomic_bytes(Path(root) / "metadata.csv", buffer.getvalue().encode("utf-8"))
+    write_metadata_table(root, columns, rows)
+
+
+def _command(root: Path, num_assets: int, heldout: int, settings: dict) -> str:
+    """The command line that makes (or finishes) this dataset."""
+    flags = [
+        f"--out {root}",
+        f"--num-assets {num_assets}",
+        f"--heldout {heldout}",
+        f"--seed {settings['seed']}",
+        f"--resolution {settings['image_size']}",
+        f"--views {settings['num_views']}",
+        f"--cond-views {settings['num_cond_views']}",
+        f"--voxel-resolution {settings['voxel_resolution']}",
+        f"--max-steps {settings['max_steps']}",
+    ]
+    if settings["cond_image_size"] is not None:
+        flags.append(f"--cond-resolution {settings['cond_image_size']}")
+    textures = settings["textures"]
+    for name, flag in (("kinds", "--textures"), ("cells", "--texture-cells")):
+        if name in textures:
+            flags.append(f"{flag} {','.join(str(v) for v in textures[name])}")
+    for name, flag in (("colours", "--texture-colours"), ("size", "--texture-size")):
+        if name in textures:
+            flags.append(f"{flag} {textures[name]}")
+    return "python recipes/flux3d/procedural.py " + " ".join(flags)
 
 
 def generate_dataset(
     root: str | os.PathLike[str],
     num_assets: int,
     *,
+    heldout: int = 0,
     seed: int = 0,
     image_size: int = 128,
     num_views: int = 24,
@@ -695,14 +807,27 @@ def generate_dataset(
     cond_image_size: int | None = None,
     voxel_resolution: int = 64,
     max_steps: int = 96,
+    textures: TextureOptions | None = None,
     workers: int = 1,
+    overwrite: bool = False,
     progress: bool = True,
 ) -> list[dict[str, object]]:
-    """Generates ``num_assets`` assets into ``root`` in the TRELLIS layout and writes ``metadata.csv``.
+    """Generates a procedural dataset into ``root`` in the TRELLIS layout, resumably.
+
+    Training asset ``i`` is asset ``i`` of stream ``seed``; held-out asset ``j`` is asset ``j`` of stream
+    ``seed + HELDOUT_SEED_OFFSET``, so evaluation runs on shapes and textures from seeds never used for
+    training. ``metadata.csv`` gets a ``split`` column (``train`` / ``heldout``).
+
+    ``dataset.json`` records the settings, counts, seeds and the command line: written with
+    ``complete: false`` before the first asset and ``complete: true`` after ``metadata.csv``, so readers
+    refuse a dataset whose generation was interrupted. Running the same command again resumes: assets whose
+    files are done are kept. Other settings than the recorded ones are refused (naming the setting) unless
+    ``overwrite``, which renders every asset again.
 
     Args:
         root: Output folder (created).
-        num_assets: Number of assets.
+        num_assets: Training assets.
+        heldout: Held-out assets.
         seed: Dataset seed; asset ``i`` depends only on ``(seed, i)``.
         image_size: Render side in pixels.
         num_views: Hammersley views per asset.
@@ -710,68 +835,183 @@ def generate_dataset(
         cond_image_size: Condition render side (default ``image_size``).
         voxel_resolution: Voxel grid resolution ``R``.
         max_steps: Sphere-tracing steps per ray.
+        textures: Texture options (default ``TextureOptions()``).
         workers: Processes (each single-threaded); 1 generates in this process.
+        overwrite: Regenerate every asset, also over a dataset made with other settings.
         progress: Show a tqdm progress bar.
 
     Returns:
-        The metadata rows.
+        The metadata rows (training rows first).
+
+    Raises:
+        ValueError: Bad counts or sizes, or settings that differ from the folder's record (without
+            ``overwrite``).
     """
     from tqdm.auto import tqdm
 
-    if num_assets < 0:
-        raise ValueError(f"num_assets: expected >= 0, got {num_assets}")
+    for name, value, low in (
+        ("num_assets", num_assets, 0),
+        ("heldout", heldout, 0),
+        ("image_size", image_size, 1),
+        ("num_views", num_views, 1),
+        ("num_cond_views", num_cond_views, 0),
+        ("voxel_resolution", voxel_resolution, 1),
+        ("max_steps", max_steps, 1),
+        ("workers", workers, 1),
+    ):
+        if value < low:
+            raise ValueError(f"{name}: expected >= {low}, got {value}")
+    if num_assets + heldout == 0:
+        raise ValueError("num_assets: expected at least one asset (num_assets + heldout >= 1), got 0")
+    textures = textures or TextureOptions()
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
-    if workers < 1:
-        raise ValueError(f"workers: expected >= 1, got {workers}")
+    settings = {
+        "seed": seed,
+        "heldout_seed": seed + HELDOUT_SEED_OFFSET,
+        "image_size": image_size,
+        "num_views": num_views,
+        "num_cond_views": num_cond_views,
+        "cond_image_size": cond_image_size,
+        "voxel_resolution": voxel_resolution,
+        "max_steps": max_steps,
+        "textures": textures.changed(),
+    }
+    record_path = root / DATASET_RECORD
+    record = read_record(record_path)
+    fix = f"pass --overwrite to render every asset again, or use another --out folder than {root}"
+    if not overwrite:
+        if record is not None:
+            check_settings(record.get("settings", {}), settings, where=f"the dataset {root}", fix=fix)
+        elif (root / "metadata.csv").exists():
+            raise ValueError(
+                f"root: {root} holds a dataset without {DATASET_RECORD} (made by another tool or an older "
+                f"version), so its settings are unknown; {fix}"
+            )
+    jobs = [(seed, index, "train") for index in range(num_assets)]
+    jobs += [(seed + HELDOUT_SEED_OFFSET, index, "heldout") for index in range(heldout)]
+    command = _command(root, num_assets, heldout, settings)
+    record = {
+        "complete": False,
+        "generator": "recipes/flux3d/procedural.py",
+        "command": command,
+        "counts": {"train": num_assets, "heldout": heldout},
+        "seeds": {"train": seed, "heldout": seed + HELDOUT_SEED_OFFSET},
+        "settings": settings,
+        "done": 0,
+        "total": len(jobs),
+    }
+    write_record(record_path, record)
     task = functools.partial(
-        generate_asset,
+        _generate_job,
         root,
-        seed,
-        image_size=image_size,
-        num_views=num_views,
-        num_cond_views=num_cond_views,
-        cond_image_size=cond_image_size,
-        voxel_resolution=voxel_resolution,
-        max_steps=max_steps,
+        dict(
+            image_size=image_size,
+            num_views=num_views,
+            num_cond_views=num_cond_views,
+            cond_image_size=cond_image_size,
+            voxel_resolution=voxel_resolution,
+            max_steps=max_steps,
+            textures=textures,
+            resume=not overwrite,
+        ),
     )
-    bar = tqdm(total=num_assets, desc="assets", disable=not progress)
+    bar = tqdm(total=len(jobs), desc="assets", disable=not progress)
     rows = []
+
+    def finished(row: dict[str, object]) -> None:
+        rows.append(row)
+        bar.update()
+        write_record(record_path, record | {"done": len(rows)})
+
     if workers == 1:
-        for index in range(num_assets):
-            rows.append(task(index))
-            bar.update()
+        for job in jobs:
+            finished(task(job))
     else:
         context = multiprocessing.get_context("spawn")
         with context.Pool(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
-            for row in pool.imap(task, range(num_assets)):
-                rows.append(row)
-                bar.update()
+            for row in pool.imap(task, jobs):
+                finished(row)
     bar.close()
+    train_ids = {row["sha256"] for row in rows if row["split"] == "train"}
+    overlap = [row["sha256"] for row in rows if row["split"] == "heldout" and row["sha256"] in train_ids]
+    if overlap:  # different seed streams: only a sha256 collision could do this
+        raise RuntimeError(f"heldout: assets {overlap} are both training and held-out assets")
     write_metadata(root, rows)
+    write_record(record_path, record | {"done": len(rows), "complete": True})
     return rows
 
 
+def _generate_job(root: Path, options: dict, job: tuple[int, int, str]) -> dict[str, object]:
+    seed, index, split = job
+    return generate_asset(root, seed, index, split=split, **options)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(value) for value in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: ``python recipes/flux3d/procedural.py --out DIR --num-assets N ...``."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    """Command line: ``python recipes/flux3d/procedural.py --out DIR --num-assets N --heldout H ...``."""
+    parser = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     parser.add_argument("--out", required=True, help="output dataset folder")
-    parser.add_argument("--num-assets", type=int, default=100)
+    parser.add_argument("--num-assets", type=int, default=100, help="training assets")
+    parser.add_argument(
+        "--heldout", type=int, default=0, help="held-out assets, from a seed stream disjoint from training's"
+    )
     parser.add_argument("--resolution", type=int, default=128, help="render side in pixels")
     parser.add_argument("--views", type=int, default=24, help="Hammersley views per asset")
     parser.add_argument("--cond-views", type=int, default=4, help="condition views per asset")
-    parser.add_argument("--cond-resolution", type=int, default=None, help="condition render side")
-    parser.add_argument("--voxel-resolution", type=int, default=64)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cond-resolution", type=int, default=None, help="condition render side; None: --resolution"
+    )
+    parser.add_argument("--voxel-resolution", type=int, default=64, help="voxel grid resolution")
+    parser.add_argument("--seed", type=int, default=0, help="dataset seed")
     parser.add_argument("--max-steps", type=int, default=96, help="sphere-tracing steps per ray")
+    parser.add_argument(
+        "--textures",
+        type=lambda text: tuple(text.split(",")),
+        default=",".join(TEXTURES),
+        help=f"comma-separated texture kinds drawn from, of {','.join(TEXTURES)}",
+    )
+    parser.add_argument(
+        "--texture-cells",
+        type=_int_list,
+        default=",".join(str(c) for c in TextureOptions().cells),
+        help="comma-separated checker cells / stripe periods per texture tile (one drawn per texture)",
+    )
+    parser.add_argument(
+        "--texture-colours", type=int, default=2, help="colours of each checker or stripe pattern"
+    )
+    parser.add_argument("--texture-size", type=int, default=128, help="texture image side in pixels")
     parser.add_argument("--workers", type=int, default=1, help="processes, each single-threaded")
     parser.add_argument("--threads", type=int, default=1, help="torch threads when --workers 1")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="render every asset again, also over other settings"
+    )
     args = parser.parse_args(argv)
+    try:
+        textures = TextureOptions(
+            kinds=args.textures,
+            cells=args.texture_cells,
+            colours=args.texture_colours,
+            size=args.texture_size,
+        )
+    except ValueError as error:
+        flags = {"kinds": "--textures", "cells": "--texture-cells", "colours": "--texture-colours"}
+        name = str(error).split(":")[0]
+        parser.error(f"{flags.get(name, '--texture-size')}: {str(error).split(': ', 1)[1]}")
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     rows = generate_dataset(
         args.out,
         args.num_assets,
+        heldout=args.heldout,
         seed=args.seed,
         image_size=args.resolution,
         num_views=args.views,
@@ -779,9 +1019,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         cond_image_size=args.cond_resolution,
         voxel_resolution=args.voxel_resolution,
         max_steps=args.max_steps,
+        textures=textures,
         workers=args.workers,
+        overwrite=args.overwrite,
     )
-    print(f"wrote {len(rows)} assets to {args.out} in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    heldout = sum(row["split"] == "heldout" for row in rows)
+    print(
+        f"wrote {len(rows) - heldout} training and {heldout} held-out assets to {args.out} "
+        f"in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":
