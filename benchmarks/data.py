@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recipes.flux3d import prepare  # noqa: E402
+from recipes.flux3d import features as prepare  # noqa: E402
 from recipes.flux3d.data import (  # noqa: E402
     DecoderDataset,
     LatentDataset,
@@ -47,7 +47,7 @@ from recipes.flux3d.data import (  # noqa: E402
     make_loader,
     open_assets,
 )
-from recipes.flux3d.procedural import generate_dataset  # noqa: E402
+from recipes.flux3d.shapes import generate_dataset  # noqa: E402
 
 
 def keys(length: int, seed: int) -> Iterator[tuple[int, int]]:

@@ -15,7 +15,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from recipes.flux3d import data, prepare
+from recipes.flux3d import data
+from recipes.flux3d import features as prepare
 from recipes.flux3d.conditioning import extractor_for_feature
 from recipes.flux3d.data import (
     AssetDataset,
@@ -38,7 +39,7 @@ from recipes.flux3d.data import (
     split_assets,
     straight_to_float,
 )
-from recipes.flux3d.procedural import HELDOUT_SEED_OFFSET, generate_dataset, sample_asset, write_voxel_ply
+from recipes.flux3d.shapes import HELDOUT_SEED_OFFSET, generate_dataset, sample_asset, write_voxel_ply
 from sparse3d import SparseTensor
 from sparse3d.features import RGBFeatures
 

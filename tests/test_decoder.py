@@ -450,7 +450,7 @@ def test_tiny_decoder_overfits_one_procedural_object():
     longer exploratory run: 18.6/19.1/19.0/18.8 at 25/50/75/100 steps; lr 1e-3 reached 19.8 at 125). The
     thresholds (> 16.5 dB and > init + 4 dB after 60 steps) leave margin for platform noise.
     """
-    from recipes.flux3d.procedural import render_asset, sample_asset, surface_voxels
+    from recipes.flux3d.shapes import render_asset, sample_asset, surface_voxels
     from sparse3d.geometry.cameras import sphere_cameras, sphere_hammersley
 
     torch.manual_seed(0)

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from recipes.flux3d import prepare, procedural
+from recipes.flux3d import features as prepare
+from recipes.flux3d import shapes as procedural
 from recipes.flux3d.data import AssetDataset, DatasetError, load_rgba, read_voxel_ply, split_assets
-from recipes.flux3d.procedural import (
+from recipes.flux3d.shapes import (
     AssetSpec,
     Primitive,
     TextureOptions,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipes.flux3d import prepare
-from recipes.flux3d.procedural import generate_dataset
+from recipes.flux3d import features as prepare
+from recipes.flux3d.shapes import generate_dataset
 
 SIZE, VIEWS, COND, R = 32, 4, 4, 16
 """Image size (px), views, condition views and voxel resolution of the tiny dataset."""
