@@ -20,12 +20,17 @@ TRAINED = ("decoder", "smdit")
 
 
 def _preset_help() -> str:
-    lines = [f"{name}: {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in PRESETS.items()]
-    return "preset; " + " | ".join(lines)
+    summaries = {
+        "toy": "the whole pipeline on 2 CPU cores in minutes (the default).",
+        "small": "one H200; each stage a few minutes.",
+        "paper": "the paper's sizes and schedule (needs local FLUX VAE weights).",
+    }
+    return "preset: " + " ".join(f"{name}: {summaries.get(name, '')}" for name in PRESETS)
 
 
 def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """Adds ``--preset``, ``--set``, the ``--steps/--lr/--batch-size`` shortcuts, ``--device``, ``--quiet``."""
+    """Adds ``--preset``, ``--set``, the ``--steps/--lr/--batch-size`` shortcuts, ``--device`` and
+    ``--quiet``."""
     parser.add_argument("--preset", default="toy", choices=sorted(PRESETS), help=_preset_help())
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -71,7 +76,8 @@ def config_from_args(
 
 
 def resolve_device(parser: argparse.ArgumentParser, name: str) -> torch.device:
-    """``auto`` -> CUDA when available else CPU; ``cuda`` without CUDA is a parser error naming ``--device``."""
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without CUDA is a parser error naming
+    ``--device``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -22,7 +22,7 @@ from typing import Any
 from recipes.flux3d.engine import OptimConfig
 from recipes.flux3d.model import SMDiTConfig
 from sparse3d.gaussians import GaussianDecoderConfig, decoder_paper, decoder_tiny
-from sparse3d.gaussians.decoder import GaussianHeadConfig, SparseTransformerConfig
+from sparse3d.gaussians.decoder import SparseTransformerConfig
 
 __all__ = [
     "DataConfig",
@@ -233,9 +233,9 @@ def toy() -> RecipeConfig:
         data=DataConfig(num_assets=24, heldout=4, image_size=32, views=12, cond_views=2, voxel_resolution=16),
         features=FeatureConfig(extractor="rgb", pool=4),
         decoder=DecoderStageConfig(
-            model=_decoder(dim=64, layers=2, heads=4, gaussians=4, window=None, resolution=16),
+            model=_decoder(dim=64, layers=2, heads=4, gaussians=2, window=None, resolution=16),
             optim=OptimConfig(
-                steps=300, lr=3e-3, batch_size=4, warmup_steps=20, ema_decay=0.99, checkpoint_every=100,
+                steps=300, lr=3e-3, batch_size=2, warmup_steps=20, ema_decay=0.99, checkpoint_every=100,
                 log_every=10,
             ),
             views_per_step=2,

@@ -41,7 +41,8 @@ def load_condition_image(path: str | Path, size: int) -> torch.Tensor:
     with Image.open(path) as image:
         if image.mode not in ("RGB", "RGBA"):
             raise ValueError(
-                f"--image: expected an RGB or RGBA image, got mode {image.mode!r} in {path} (convert it first)"
+                f"--image: expected an RGB or RGBA image, got mode {image.mode!r} in {path} "
+                "(convert it first)"
             )
         if image.width != image.height:
             raise ValueError(
@@ -105,7 +106,8 @@ def sample_to_folder(
     size: int = 256,
     frames: int = 24,
 ) -> dict[str, str]:
-    """Runs the pipeline once and writes ``gaussians.ply``, ``turntable.gif`` and ``grid.png`` into ``out``."""
+    """Runs the pipeline once and writes ``gaussians.ply``, ``turntable.gif`` and ``grid.png`` into
+    ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gaussians = pipe(image, layout, steps=steps, guidance=guidance, seed=seed).to(torch.float32)

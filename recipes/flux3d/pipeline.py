@@ -120,7 +120,8 @@ def build_condition_extractor(config: dict, folder: Path | None = None) -> Any:
     """Rebuilds a condition extractor from its saved config.
 
     Args:
-        config: ``{"name": "rgb", "pool": k}``, or ``{"name": "flux-vae" | "sdxl-vae" | "dinov2", "weights": path}``;
+        config: ``{"name": "rgb", "pool": k}``, or
+            ``{"name": "flux-vae" | "sdxl-vae" | "dinov2", "weights": path}``;
             a VAE saved inside the pipeline (``folder / "vae"``) is preferred to ``weights``.
         folder: The pipeline's ``encoder/`` folder.
 
@@ -251,7 +252,8 @@ class FLUX3DPipeline:
     def from_pretrained(
         cls, folder: str | os.PathLike[str], device: torch.device | str = "cpu"
     ) -> FLUX3DPipeline:
-        """Loads a folder written by [`save_pretrained`][recipes.flux3d.pipeline.FLUX3DPipeline.save_pretrained].
+        """Loads a folder written by
+        [`save_pretrained`][recipes.flux3d.pipeline.FLUX3DPipeline.save_pretrained].
 
         Args:
             folder: The pipeline folder.
@@ -263,7 +265,8 @@ class FLUX3DPipeline:
         folder = Path(folder)
         if not (folder / "pipeline.json").is_file():
             raise FileNotFoundError(
-                f"pipeline: expected {folder / 'pipeline.json'} (a folder written by save_pretrained / train.py), "
+                f"pipeline: expected {folder / 'pipeline.json'} (a folder written by save_pretrained or "
+                "train.py), "
                 "got none"
             )
         meta = json.loads((folder / "pipeline.json").read_text())
@@ -336,7 +339,8 @@ class FLUX3DPipeline:
         """Samples the DA-SLAT latent of ``layout`` conditioned on ``image``.
 
         Args:
-            image: Condition image(s), see [`encode_image`][recipes.flux3d.pipeline.FLUX3DPipeline.encode_image].
+            image: Condition image(s), see
+                [`encode_image`][recipes.flux3d.pipeline.FLUX3DPipeline.encode_image].
             layout: A SparseTensor (its coords; feats unused) or voxel indices ``[N, 3]`` at ``resolution``.
             steps: Euler steps (default: the pipeline's).
             guidance: CFG scale ``w`` (default: the pipeline's).
@@ -355,7 +359,8 @@ class FLUX3DPipeline:
         condition = self.encode_image(image)
         if condition.shape[0] != template.batch_size:
             raise ValueError(
-                f"image: expected {template.batch_size} images (one per layout sample), got {condition.shape[0]}"
+                f"image: expected {template.batch_size} images (one per layout sample), got "
+                f"{condition.shape[0]}"
             )
         velocity = flow.ClassifierFreeGuidance(
             self.smdit,

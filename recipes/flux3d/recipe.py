@@ -144,7 +144,8 @@ def assemble_pipeline(
         resolution=decoder.config.head.resolution,
         image_size=int(image_size or config.data.image_size),
         sampling=SamplingOptions(
-            steps=sampling.steps, guidance=sampling.guidance, guidance_interval=tuple(sampling.guidance_interval),
+            steps=sampling.steps, guidance=sampling.guidance,
+            guidance_interval=tuple(sampling.guidance_interval),
             shift=sampling.shift,
         ),
     )  # fmt: skip
@@ -173,7 +174,8 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Runs ``stages`` (in the order of ``STAGES``) of the recipe into ``out``; returns ``recipe.json``'s content.
+    """Runs ``stages`` (in the order of ``STAGES``) of the recipe into ``out``; returns the content of
+    ``recipe.json``.
 
     Args:
         config: The recipe config (a preset with overrides).

@@ -38,7 +38,8 @@ __all__ = ["DecoderStage", "adapt_decoder_config", "render_decoded"]
 def adapt_decoder_config(
     config: GaussianDecoderConfig, channels: int, resolution: int
 ) -> GaussianDecoderConfig:
-    """The decoder config for data with ``channels`` latent channels on an ``R = resolution`` grid; the initial
+    """The decoder config for data with ``channels`` latent channels on an ``R = resolution`` grid; the
+    initial
     Gaussian scale keeps its fraction of a voxel."""
     head = config.head
     head = dataclasses.replace(

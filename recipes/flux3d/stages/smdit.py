@@ -48,7 +48,8 @@ def sample_latents(
     seed: int = 0,
     progress: bool = False,
 ) -> Any:
-    """Euler + CFG sampling of normalised latents on ``template``'s layout (the unconditional pass sees zeros)."""
+    """Euler + CFG sampling of normalised latents on ``template``'s layout (the unconditional pass sees
+    zeros)."""
     velocity = flow.ClassifierFreeGuidance(
         model,
         sampling.guidance,
