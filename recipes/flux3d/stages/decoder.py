@@ -4,7 +4,6 @@ random views (L1 + SSIM (+ LPIPS) + volume/opacity regularisers), on the engine.
 from __future__ import annotations
 
 import dataclasses
-import math
 from pathlib import Path
 from typing import Any
 
@@ -185,8 +184,3 @@ class DecoderStage:
     def export(self, model: GaussianDecoder, out_dir: Path) -> None:
         save_module(model, out_dir, decoder_config_to_dict(self.model_config))
         write_json(out_dir / "stats.json", self.stats.to_dict())
-
-
-def _finite_mean(values: list[float]) -> float:
-    finite = [v for v in values if math.isfinite(v)]
-    return sum(finite) / len(finite) if finite else float("nan")
